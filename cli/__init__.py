@@ -1,0 +1,1 @@
+"""The `crm` command: local stack, service entry points and a client for the gateway."""

@@ -1,0 +1,253 @@
+"""`crm`: run the suite locally, run one service, migrate, and call the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Multi-tenant CRM data platform.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants (platform admin).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log of your tenant.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(audit_app, name="audit")
+console = Console()
+err_console = Console(stderr=True)
+
+HOME_OPTION = Annotated[Path, typer.Option(envvar="CRM_HOME", help="Data folder of the local stack.")]
+
+
+class ServiceName(StrEnum):
+    tenant = "tenant"
+    audit = "audit"
+    core_entity = "core-entity"
+    custom_object = "custom-object"
+    gateway = "gateway"
+
+
+def _build(service: ServiceName) -> Any:
+    """Imports only the chosen service, reads its settings and returns its app."""
+    from shared import config
+
+    if service is ServiceName.tenant:
+        from services.tenant.bootstrap import build_app as build_tenant
+
+        return build_tenant(config.TenantSettings())  # type: ignore[call-arg]
+    if service is ServiceName.audit:
+        from services.audit.bootstrap import build_app as build_audit
+
+        return build_audit(config.AuditSettings())  # type: ignore[call-arg]
+    if service is ServiceName.core_entity:
+        from services.core_entity.bootstrap import build_app as build_core
+
+        return build_core(config.ShardServiceSettings())  # type: ignore[call-arg]
+    if service is ServiceName.custom_object:
+        from services.custom_object.bootstrap import build_app as build_custom
+
+        return build_custom(config.ShardServiceSettings())  # type: ignore[call-arg]
+    from gateway.bootstrap import build_app as build_gateway
+
+    return build_gateway(config.GatewaySettings())  # type: ignore[call-arg]
+
+
+@app.command()
+def serve(service: ServiceName) -> None:
+    """Run one service (the container images' entry point)."""
+    import uvloop
+    from pydantic import ValidationError
+
+    from shared.logging import configure_logging
+
+    try:
+        service_app = _build(service)
+    except ValidationError as exc:
+        missing = ", ".join("CRM_" + str(e["loc"][0]).upper() for e in exc.errors())
+        err_console.print(f"[red]configuration error:[/red] set {missing}")
+        raise typer.Exit(2) from exc
+    settings = service_app.settings
+    configure_logging(service_app.name, settings.log_level, settings.log_json)
+    uvloop.run(service_app.run_until_signal())
+
+
+@app.command()
+def migrate(service: ServiceName) -> None:
+    """Apply a service's migrations as the owner (CRM_DB_OWNER_URL; CRM_DB_URL names the app role)."""
+    from shared.db import role_of
+    from shared.migrations import upgrade
+
+    if service is ServiceName.gateway:
+        raise typer.BadParameter("the gateway has no database")
+    owner = os.environ.get("CRM_DB_OWNER_URL")
+    app_url = os.environ.get("CRM_DB_URL")
+    if not owner or not app_url:
+        raise typer.BadParameter("set CRM_DB_OWNER_URL and CRM_DB_URL")
+    package = service.value.replace("-", "_")
+    schema = {"tenant": "tenant", "audit": "audit", "core_entity": "core", "custom_object": "custom"}[package]
+    location = Path(__file__).resolve().parent.parent / "services" / package / "migrations"
+    asyncio.run(upgrade(location, owner, schema, role_of(app_url)))
+    console.print(f"{service.value}: migrated to head")
+
+
+@app.command()
+def up(
+    home: HOME_OPTION = Path(".crm"),
+    shards: Annotated[int, typer.Option(min=1, max=16)] = 2,
+    gateway_port: Annotated[int, typer.Option(envvar="CRM_GATEWAY_PORT")] = 50051,
+    detach: Annotated[bool, typer.Option(help="Return once healthy; stop later with `crm down`.")] = False,
+) -> None:
+    """Start the whole suite: embedded PostgreSQL and NATS (or CRM_DATABASE_URL / CRM_NATS_URL),
+    every service and the gateway."""
+    from cli.stack import Stack
+
+    started = time.monotonic()
+    stack = Stack(
+        home=home.resolve(),
+        database_url=os.environ.get("CRM_DATABASE_URL") or None,
+        nats_url=os.environ.get("CRM_NATS_URL") or None,
+        shards=shards,
+        gateway_port=gateway_port,
+    )
+    with console.status("starting the suite..."):
+        stack.start()
+    console.print(f"[green]suite up[/green] in {time.monotonic() - started:.1f}s")
+    console.print(f"gateway:            {stack.gateway_address}")
+    console.print(f"platform admin key: {stack.platform_admin_key}  (also in {stack.state_file})")
+    console.print(f"logs:               {home / 'logs'}")
+    if detach:
+        return
+    stack.state["up_pid"] = os.getpid()
+    stack._save_state()
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    console.print("press Ctrl-C (or run `crm down`) to stop")
+    while not stopping:
+        time.sleep(0.2)
+    with console.status("stopping..."):
+        stack.stop()
+    console.print("stopped")
+
+
+@app.command()
+def down(home: HOME_OPTION = Path(".crm")) -> None:
+    """Stop a suite started by `crm up`."""
+    from cli.stack import stop_recorded
+
+    stopped = stop_recorded(home.resolve())
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+# --- client commands ------------------------------------------------------------------------
+
+
+def _gateway(home: Path, gateway: str | None) -> str:
+    if gateway:
+        return gateway
+    state = home / "stack.json"
+    if state.exists():
+        port = json.loads(state.read_text()).get("port:gateway")
+        if port:
+            return f"127.0.0.1:{port}"
+    return "127.0.0.1:50051"
+
+
+def _platform_key(home: Path, key: str | None) -> str:
+    if key:
+        return key
+    state = home / "stack.json"
+    if state.exists():
+        return str(json.loads(state.read_text())["platform_admin_key"])
+    raise typer.BadParameter("pass --key or set CRM_PLATFORM_ADMIN_KEY")
+
+
+def _call(gateway: str, key: str, stub_factory: Any, method: str, request: Any) -> Any:
+    import grpc
+
+    with grpc.insecure_channel(gateway) as channel:
+        try:
+            return getattr(stub_factory(channel), method)(
+                request, metadata=(("authorization", f"Bearer {key}"),), timeout=30
+            )
+        except grpc.RpcError as exc:
+            err_console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+            raise typer.Exit(1) from exc
+
+
+def _print(message: Any) -> None:
+    from google.protobuf import json_format
+
+    console.print_json(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+GATEWAY_OPTION = Annotated[str | None, typer.Option(envvar="CRM_GATEWAY", help="host:port of the gateway.")]
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: Annotated[str, typer.Option()],
+    subdomain: Annotated[str, typer.Option()],
+    admin_email: Annotated[str, typer.Option()],
+    admin_password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+    plan: Annotated[str, typer.Option()] = "basic",
+    key: Annotated[str | None, typer.Option(envvar="CRM_PLATFORM_ADMIN_KEY")] = None,
+    gateway: GATEWAY_OPTION = None,
+    home: HOME_OPTION = Path(".crm"),
+) -> None:
+    """Onboard a tenant; prints it and its first API key (shown once)."""
+    from crm.v1 import tenant_pb2, tenant_pb2_grpc
+
+    plans = {"basic": 1, "professional": 2, "enterprise": 3}
+    request = tenant_pb2.CreateTenantRequest(
+        tenant=tenant_pb2.Tenant(name=name, subdomain=subdomain, plan_type=plans.get(plan, 0)),  # type: ignore[arg-type]
+        admin_email=admin_email,
+        admin_password=admin_password,
+    )
+    reply = _call(_gateway(home, gateway), _platform_key(home, key), tenant_pb2_grpc.TenantServiceStub, "CreateTenant", request)
+    _print(reply)
+
+
+@tenant_app.command("get")
+def tenant_get(
+    tenant_id: str,
+    key: Annotated[str | None, typer.Option(envvar="CRM_PLATFORM_ADMIN_KEY")] = None,
+    gateway: GATEWAY_OPTION = None,
+    home: HOME_OPTION = Path(".crm"),
+) -> None:
+    """Show one tenant."""
+    from crm.v1 import tenant_pb2, tenant_pb2_grpc
+
+    request = tenant_pb2.GetTenantRequest(id=tenant_id)
+    _print(_call(_gateway(home, gateway), _platform_key(home, key), tenant_pb2_grpc.TenantServiceStub, "GetTenant", request))
+
+
+@audit_app.command("log")
+def audit_log(
+    key: Annotated[str, typer.Option(envvar="CRM_API_KEY", help="Your tenant's API key.")],
+    table: Annotated[str, typer.Option()] = "",
+    record: Annotated[str, typer.Option()] = "",
+    limit: Annotated[int, typer.Option()] = 50,
+    gateway: GATEWAY_OPTION = None,
+    home: HOME_OPTION = Path(".crm"),
+) -> None:
+    """List your tenant's audit entries, newest first."""
+    from crm.v1 import audit_pb2, audit_pb2_grpc
+
+    request = audit_pb2.ListAuditLogsRequest(page_size=limit, table_name=table, record_id=record)
+    _print(_call(_gateway(home, gateway), key, audit_pb2_grpc.AuditServiceStub, "ListAuditLogs", request))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""The suite's services, one package each, each owning its database schema."""

@@ -1,0 +1,4 @@
+"""Tenant service: tenants, users, API keys, configuration and the shard directory."""
+
+SERVICE = "tenant"
+SCHEMA = "tenant"

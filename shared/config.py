@@ -1,0 +1,92 @@
+"""Typed settings read once from the environment at start-up.
+
+Every process reads its own variables with the `CRM_` prefix; a missing required variable
+fails fast with pydantic's message naming it. Nothing here connects to anything.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """What every service and the gateway needs."""
+
+    model_config = SettingsConfigDict(env_prefix="CRM_", extra="ignore")
+
+    #: Address the gRPC server binds to.
+    listen_host: str = "127.0.0.1"
+    #: gRPC port; 0 picks a free one (tests).
+    port: int = 0
+    #: NATS server URL(s), comma separated.
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: Shared secret the gateway sends to backends in `x-crm-internal-token`; backends refuse
+    #: calls without it.
+    internal_token: SecretStr
+    #: Seconds in-flight calls get to finish on SIGTERM.
+    shutdown_grace_seconds: float = 5.0
+    #: Structured log level.
+    log_level: str = "info"
+    #: Emit JSON log lines (production) instead of coloured console lines.
+    log_json: bool = False
+    #: Largest message a server accepts, in bytes.
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+class DatabaseSettings(CommonSettings):
+    """A service that owns a schema in a PostgreSQL database."""
+
+    #: DSN of the application role: no superuser, no BYPASSRLS, owns no table.
+    db_url: SecretStr
+    #: DSN of the schema owner, used only to run migrations.
+    db_owner_url: SecretStr
+    #: Connections kept per process.
+    db_pool_size: int = 10
+    #: Apply this service's migrations before serving.
+    migrate_on_start: bool = True
+    #: Seconds between outbox relay polls when no notification arrives.
+    outbox_poll_seconds: float = 0.5
+
+
+class TenantSettings(DatabaseSettings):
+    """The tenant service (directory database)."""
+
+    #: Shards registered at start-up when absent, as a JSON list of
+    #: {"name", "core_entity_address", "custom_object_address", "max_tenants"}.
+    bootstrap_shards: str = "[]"
+    #: Seconds the gateway may cache a resolved credential.
+    credential_cache_seconds: int = 5
+
+
+class AuditSettings(DatabaseSettings):
+    """The audit service (audit database)."""
+
+    #: Durable consumer name on the CRM_EVENTS stream.
+    consumer_name: str = "audit"
+    #: Events fetched and written per batch.
+    ingest_batch_size: int = 256
+
+
+class ShardServiceSettings(DatabaseSettings):
+    """A per-shard backend: core-entity or custom-object."""
+
+    #: The shard this instance serves (UUID or name as registered in the directory).
+    shard_name: str = Field(default="shard-0")
+
+
+class GatewaySettings(CommonSettings):
+    """The gateway: the only address external clients need."""
+
+    #: host:port of the tenant service.
+    tenant_address: str
+    #: host:port of the audit service.
+    audit_address: str
+    #: The platform admin credential for platform-level calls (tenants, shards, system metadata).
+    platform_admin_key: SecretStr
+    #: Deadline applied when the client sets none, in seconds.
+    default_deadline_seconds: float = 30.0
+    #: PEM certificate for TLS on the external port; plaintext when unset.
+    tls_cert_file: str = ""
+    #: PEM private key for TLS on the external port.
+    tls_key_file: str = ""

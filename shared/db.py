@@ -1,0 +1,162 @@
+"""Database access shared by the services: async engines, the unit of work that scopes every
+transaction to one tenant, row-level security DDL, and the start-up guard on the app role.
+
+Tenant scoping happens in one place: `UnitOfWork` calls `set_config('app.current_tenant_id',
+..., true)` at the start of each transaction, so the setting dies with the transaction and can
+never leak to the next user of a pooled connection. Policies read it with NULLIF(..., '') because
+it reads back as '' (not NULL) once a transaction that set it has ended: no tenant, zero rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+TENANT_SETTING = "app.current_tenant_id"
+CURRENT_TENANT_SQL = f"NULLIF(current_setting('{TENANT_SETTING}', true), '')::uuid"
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def identifier(name: str) -> str:
+    """Guards the few identifiers that DDL must interpolate (schemas, tables, roles)."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a safe SQL identifier: {name!r}")
+    return name
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+asyncpg://", dsn)
+
+
+def asyncpg_dsn(dsn: str) -> str:
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", dsn)
+
+
+def role_of(dsn: str) -> str:
+    user = urlsplit(asyncpg_dsn(dsn)).username
+    if not user:
+        raise ValueError("the database URL names no user")
+    return user
+
+
+def create_engine(dsn: str, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url(dsn),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        # Transaction-scoped settings only; a session-level SET would leak across the pool.
+        connect_args={"server_settings": {"application_name": "crm"}},
+    )
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class UnitOfWork:
+    """One transaction for one tenant; rolls back unless `commit()` was called.
+
+    `tenant_id=None` is for platform tables (tenants, shards) and sees no tenant rows.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], tenant_id: str | None) -> None:
+        self._sessions = sessions
+        self.tenant_id = tenant_id
+        self._committed = False
+        self.session: AsyncSession
+
+    async def __aenter__(self) -> Self:
+        self.session = self._sessions()
+        await self.session.begin()
+        if self.tenant_id is not None:
+            await set_tenant(self.session, self.tenant_id)
+        return self
+
+    async def set_tenant(self, tenant_id: str) -> None:
+        """Switches the transaction to another tenant (onboarding writes the new tenant's rows)."""
+        self.tenant_id = tenant_id
+        await set_tenant(self.session, tenant_id)
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        self._committed = True
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if not self._committed:
+                await self.session.rollback()
+        finally:
+            await self.session.close()
+
+
+async def set_tenant(session: AsyncSession, tenant_id: str) -> None:
+    await session.execute(text("SELECT set_config(:name, :value, true)"), {"name": TENANT_SETTING, "value": tenant_id})
+
+
+def rls_statements(schema: str, table: str) -> list[str]:
+    """ENABLE + FORCE row-level security with the tenant policy; FORCE makes it hold for the
+    table owner too, which would otherwise bypass it."""
+    qualified = f"{identifier(schema)}.{identifier(table)}"
+    return [
+        f"ALTER TABLE {qualified} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {qualified} FORCE ROW LEVEL SECURITY",
+        f"CREATE POLICY tenant_isolation ON {qualified} "
+        f"USING (tenant_id = {CURRENT_TENANT_SQL}) WITH CHECK (tenant_id = {CURRENT_TENANT_SQL})",
+    ]
+
+
+def schema_setup_statements(schema: str, app_role: str) -> list[str]:
+    """The schema, and the app role's rights on what the owner will create in it."""
+    s, r = identifier(schema), identifier(app_role)
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"GRANT USAGE ON SCHEMA {s} TO {r}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {r}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT EXECUTE ON FUNCTIONS TO {r}",
+    ]
+
+
+class UnsafeDatabaseRole(RuntimeError):
+    pass
+
+
+async def assert_safe_app_role(dsn: str, schemas: Sequence[str]) -> None:
+    """Refuses to start when the app role could bypass row-level security."""
+    conn = await asyncpg.connect(asyncpg_dsn(dsn))
+    try:
+        row = await conn.fetchrow(
+            "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user"
+        )
+        assert row is not None
+        if row["rolsuper"] or row["rolbypassrls"]:
+            raise UnsafeDatabaseRole(
+                f"database role {row['rolname']!r} is a superuser or has BYPASSRLS; "
+                "services must connect as a role that row-level security applies to"
+            )
+        owned = await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = ANY($1::text[]) AND tableowner = current_user",
+            list(schemas),
+        )
+        if owned:
+            raise UnsafeDatabaseRole(
+                f"database role {row['rolname']!r} owns {owned} table(s) in {list(schemas)}; "
+                "run migrations as the owner role and serve as a non-owner"
+            )
+    finally:
+        await conn.close()
+
+
+async def fetch_scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar()

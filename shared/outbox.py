@@ -1,0 +1,180 @@
+"""The transactional outbox: a change and its event commit together, and a relay publishes
+committed events to JetStream afterwards, so a broker that is down delays audit but never loses it.
+
+The relay claims unpublished rows with `FOR UPDATE SKIP LOCKED` (never "ids above the last one
+seen": transactions commit out of id order and such a cursor skips events), publishes each with
+`Nats-Msg-Id` = event id so JetStream drops a re-publish after a crash, and deletes the rows only
+once the stream has acknowledged them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import asyncpg
+from google.protobuf.message import Message
+from nats.js import JetStreamContext
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db import asyncpg_dsn, identifier
+from shared.events import build_change_event, change_subject
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def outbox_ddl(schema: str) -> list[str]:
+    s = identifier(schema)
+    return [
+        f"""CREATE TABLE {s}.outbox (
+            id uuid PRIMARY KEY,
+            subject text NOT NULL,
+            payload bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        )""",
+        f"CREATE INDEX ix_outbox_created_at ON {s}.outbox (created_at)",
+    ]
+
+
+def notify_channel(schema: str) -> str:
+    return f"{identifier(schema)}_outbox"
+
+
+async def add_to_outbox(session: AsyncSession, schema: str, subject: str, event_id: str, event: Message) -> None:
+    """Adds an event to the caller's open transaction; it is published only if that commits."""
+    await session.execute(
+        text(f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload) VALUES (:id, :subject, :payload)"),
+        {"id": uuid.UUID(event_id), "subject": subject, "payload": event.SerializeToString()},
+    )
+    # NOTIFY is delivered at commit, waking the relay without polling latency.
+    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(schema)})
+
+
+class JetStreamProvider(Protocol):
+    def __call__(self) -> JetStreamContext: ...
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows of one schema; safe to run in several processes at once."""
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        jetstream: JetStreamProvider,
+        *,
+        batch_size: int = 256,
+        poll_seconds: float = 0.5,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self._dsn = asyncpg_dsn(dsn)
+        self._schema = identifier(schema)
+        self._jetstream = jetstream
+        self._batch_size = batch_size
+        self._poll_seconds = poll_seconds
+        self._publish_timeout = publish_timeout
+        self._wake = asyncio.Event()
+        self.published_total = 0
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("outbox relay cannot reach the database", schema=self._schema, error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            try:
+                await conn.add_listener(notify_channel(self._schema), self._on_notify)
+                await self._loop(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox relay lost the database; reconnecting", schema=self._schema, error=str(exc))
+                await asyncio.sleep(backoff)
+            finally:
+                await conn.close(timeout=2)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _loop(self, conn: asyncpg.Connection) -> None:
+        backoff = 0.2
+        while True:
+            self._wake.clear()
+            try:
+                published = await self.relay_once(conn)
+                backoff = 0.2
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                raise
+            except Exception as exc:  # broker down or slow: rows stay, try again later
+                log.warning("outbox publish failed; will retry", schema=self._schema, error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if published >= self._batch_size:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def relay_once(self, conn: asyncpg.Connection) -> int:
+        """Publishes one batch; returns how many rows it published and removed."""
+        async with conn.transaction():
+            rows = await conn.fetch(
+                f"SELECT id, subject, payload FROM {self._schema}.outbox "
+                "ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self._batch_size,
+            )
+            if not rows:
+                return 0
+            js = self._jetstream()
+            await asyncio.gather(
+                *(
+                    js.publish(
+                        row["subject"],
+                        bytes(row["payload"]),
+                        timeout=self._publish_timeout,
+                        headers={"Nats-Msg-Id": str(row["id"])},
+                    )
+                    for row in rows
+                )
+            )
+            await conn.execute(
+                f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::uuid[])", [row["id"] for row in rows]
+            )
+        self.published_total += len(rows)
+        return len(rows)
+
+
+async def record_change(
+    session: AsyncSession,
+    *,
+    schema: str,
+    service: str,
+    table: str,
+    tenant_id: str,
+    record_id: str,
+    operation: str,
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    version: int,
+) -> str:
+    """Adds the change event of one write to the same transaction; returns the event id."""
+    event = build_change_event(
+        tenant_id=tenant_id,
+        service=service,
+        table=table,
+        record_id=record_id,
+        operation=operation,
+        old=old,
+        new=new,
+        version=version,
+    )
+    await add_to_outbox(session, schema, change_subject(tenant_id, service, table, operation), event.event_id, event)
+    return event.event_id
