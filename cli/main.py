@@ -40,22 +40,22 @@ def _build(service: ServiceName) -> Any:
     if service is ServiceName.tenant:
         from services.tenant.bootstrap import build_app as build_tenant
 
-        return build_tenant(config.TenantSettings())  # type: ignore[call-arg]
+        return build_tenant(config.TenantSettings())
     if service is ServiceName.audit:
         from services.audit.bootstrap import build_app as build_audit
 
-        return build_audit(config.AuditSettings())  # type: ignore[call-arg]
+        return build_audit(config.AuditSettings())
     if service is ServiceName.core_entity:
         from services.core_entity.bootstrap import build_app as build_core
 
-        return build_core(config.ShardServiceSettings())  # type: ignore[call-arg]
+        return build_core(config.ShardServiceSettings())
     if service is ServiceName.custom_object:
         from services.custom_object.bootstrap import build_app as build_custom
 
-        return build_custom(config.ShardServiceSettings())  # type: ignore[call-arg]
+        return build_custom(config.ShardServiceSettings())
     from gateway.bootstrap import build_app as build_gateway
 
-    return build_gateway(config.GatewaySettings())  # type: ignore[call-arg]
+    return build_gateway(config.GatewaySettings())
 
 
 @app.command()
@@ -182,7 +182,7 @@ def _call(gateway: str, key: str, stub_factory: Any, method: str, request: Any) 
                 request, metadata=(("authorization", f"Bearer {key}"),), timeout=30
             )
         except grpc.RpcError as exc:
-            err_console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")  # type: ignore[attr-defined]
+            err_console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
             raise typer.Exit(1) from exc
 
 
@@ -209,13 +209,25 @@ def tenant_create(
     """Onboard a tenant; prints it and its first API key (shown once)."""
     from crm.v1 import tenant_pb2, tenant_pb2_grpc
 
-    plans = {"basic": 1, "professional": 2, "enterprise": 3}
+    plans = {
+        "basic": tenant_pb2.PLAN_TYPE_BASIC,
+        "professional": tenant_pb2.PLAN_TYPE_PROFESSIONAL,
+        "enterprise": tenant_pb2.PLAN_TYPE_ENTERPRISE,
+    }
     request = tenant_pb2.CreateTenantRequest(
-        tenant=tenant_pb2.Tenant(name=name, subdomain=subdomain, plan_type=plans.get(plan, 0)),  # type: ignore[arg-type]
+        tenant=tenant_pb2.Tenant(
+            name=name, subdomain=subdomain, plan_type=plans.get(plan, tenant_pb2.PLAN_TYPE_UNSPECIFIED)
+        ),
         admin_email=admin_email,
         admin_password=admin_password,
     )
-    reply = _call(_gateway(home, gateway), _platform_key(home, key), tenant_pb2_grpc.TenantServiceStub, "CreateTenant", request)
+    reply = _call(
+        _gateway(home, gateway),
+        _platform_key(home, key),
+        tenant_pb2_grpc.TenantServiceStub,
+        "CreateTenant",
+        request,
+    )
     _print(reply)
 
 
@@ -230,7 +242,15 @@ def tenant_get(
     from crm.v1 import tenant_pb2, tenant_pb2_grpc
 
     request = tenant_pb2.GetTenantRequest(id=tenant_id)
-    _print(_call(_gateway(home, gateway), _platform_key(home, key), tenant_pb2_grpc.TenantServiceStub, "GetTenant", request))
+    _print(
+        _call(
+            _gateway(home, gateway),
+            _platform_key(home, key),
+            tenant_pb2_grpc.TenantServiceStub,
+            "GetTenant",
+            request,
+        )
+    )
 
 
 @audit_app.command("log")

@@ -41,7 +41,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [*crm_command(), "serve", self.kind],
             env={**os.environ, **self.env},
@@ -164,7 +164,9 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True)
         self._load_state()
         if not self.database_url:
-            self.postgres = EmbeddedPostgres(self.home / "postgres", self._port("pg_port"), self.state["pg_password"])
+            self.postgres = EmbeddedPostgres(
+                self.home / "postgres", self._port("pg_port"), self.state["pg_password"]
+            )
             self.postgres.start()
         if not self.nats_url:
             self.nats = EmbeddedNats(self.home / "nats", self._port("nats_port"))
@@ -192,7 +194,9 @@ class Stack:
         def add(name: str, kind: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
             chosen = port if port is not None else self._port(f"port:{name}")
             self.state[f"port:{name}"] = chosen
-            service = ServiceProcess(name, kind, chosen, {**common, **env, "CRM_PORT": str(chosen)}, logs / f"{name}.log")
+            service = ServiceProcess(
+                name, kind, chosen, {**common, **env, "CRM_PORT": str(chosen)}, logs / f"{name}.log"
+            )
             self.services[name] = service
             return service
 
@@ -206,7 +210,9 @@ class Stack:
                 {"name": shard, "core_entity_address": core.address, "custom_object_address": custom.address}
             )
         tenant = add(
-            "tenant", "tenant", {**self.db_urls(self.database("directory")), "CRM_BOOTSTRAP_SHARDS": json.dumps(shard_specs)}
+            "tenant",
+            "tenant",
+            {**self.db_urls(self.database("directory")), "CRM_BOOTSTRAP_SHARDS": json.dumps(shard_specs)},
         )
         audit = add("audit", "audit", self.db_urls(self.database("audit")))
         add(
@@ -217,7 +223,7 @@ class Stack:
                 "CRM_AUDIT_ADDRESS": audit.address,
                 "CRM_PLATFORM_ADMIN_KEY": self.platform_admin_key,
             },
-            port=self.gateway_port if self.gateway_port is not None else self._port("port:gateway"),
+            port=self.gateway_port if self.gateway_port else self._port("port:gateway"),
         )
         self._save_state()
 
@@ -237,12 +243,16 @@ class Stack:
             for name in list(pending):
                 service = self.services[name]
                 if service.process is not None and service.process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {service.process.returncode}; see {service.log_path}")
+                    raise RuntimeError(
+                        f"{name} exited with {service.process.returncode}; see {service.log_path}"
+                    )
                 if service.healthy():
                     pending.discard(name)
             time.sleep(0.1)
         if pending:
-            raise TimeoutError(f"not healthy after {timeout}s: {sorted(pending)} (logs in {self.home / 'logs'})")
+            raise TimeoutError(
+                f"not healthy after {timeout}s: {sorted(pending)} (logs in {self.home / 'logs'})"
+            )
 
     def start(self) -> None:
         self.start_backends()

@@ -80,7 +80,9 @@ class Directory:
             return cached
         try:
             reply = await self._stub.ResolveCredential(
-                directory_pb2.ResolveCredentialRequest(credential=credential), metadata=self._metadata, timeout=5
+                directory_pb2.ResolveCredentialRequest(credential=credential),
+                metadata=self._metadata,
+                timeout=5,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNAUTHENTICATED:
@@ -111,7 +113,7 @@ class Directory:
                 raise NotFound("tenant not found") from exc
             raise Unavailable("the directory is unavailable; retry") from exc
         self.routes.put(tenant_id, route, ROUTE_CACHE_SECONDS)
-        return route
+        return route  # type: ignore[no-any-return]
 
     async def shard(self, shard_id: str) -> directory_pb2.ShardRoute:
         if shard_id not in self._shards or self._shards_expire < time.monotonic():

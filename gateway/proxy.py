@@ -85,7 +85,7 @@ class Proxy(grpc.GenericRpcHandler):
         self._default_deadline = default_deadline
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        route = self._routes.get(handler_call_details.method)  # type: ignore[attr-defined]
+        route = self._routes.get(handler_call_details.method)
         if route is None:
             return None  # UNIMPLEMENTED, as for any unknown method
         if not route.request_streaming and not route.response_streaming:
@@ -96,7 +96,9 @@ class Proxy(grpc.GenericRpcHandler):
             return grpc.stream_unary_rpc_method_handler(self._client_streaming(route))
         return grpc.stream_stream_rpc_method_handler(self._bidi_streaming(route))
 
-    async def _prepare(self, route: Route, context: grpc.aio.ServicerContext) -> tuple[str, list[tuple[str, str]]]:
+    async def _prepare(
+        self, route: Route, context: grpc.aio.ServicerContext
+    ) -> tuple[str, list[tuple[str, str]]]:
         """Authenticates, authorises and routes one call; returns the backend and its metadata."""
         metadata = {k: (v if isinstance(v, str) else "") for k, v in context.invocation_metadata() or ()}
         request_id = metadata.get(callctx.CLIENT_REQUEST_ID_KEY) or str(uuid.uuid4())
@@ -120,7 +122,9 @@ class Proxy(grpc.GenericRpcHandler):
             if address is None:
                 shard = await self._directory.shard(tenant_route.shard_id)
                 address = (
-                    shard.core_entity_address if route.backend is Backend.CORE_ENTITY else shard.custom_object_address
+                    shard.core_entity_address
+                    if route.backend is Backend.CORE_ENTITY
+                    else shard.custom_object_address
                 )
         assert address is not None
         return address, outgoing
@@ -128,7 +132,9 @@ class Proxy(grpc.GenericRpcHandler):
     def _authorise(self, route: Route, principal: Principal, outgoing: list[tuple[str, str]]) -> str | None:
         if principal.platform_admin:
             if route.access is Access.TENANT:
-                raise PermissionDenied("the platform admin credential carries no tenant; use a tenant credential")
+                raise PermissionDenied(
+                    "the platform admin credential carries no tenant; use a tenant credential"
+                )
             outgoing.append((callctx.PLATFORM_ADMIN_KEY, "true"))
         else:
             if route.access is Access.PLATFORM:
@@ -163,7 +169,9 @@ class Proxy(grpc.GenericRpcHandler):
 
         return handle
 
-    def _server_streaming(self, route: Route) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _server_streaming(
+        self, route: Route
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             try:
                 address, metadata = await self._prepare(route, context)
@@ -177,7 +185,9 @@ class Proxy(grpc.GenericRpcHandler):
 
         return handle
 
-    def _client_streaming(self, route: Route) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+    def _client_streaming(
+        self, route: Route
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             try:
                 address, metadata = await self._prepare(route, context)
@@ -194,7 +204,9 @@ class Proxy(grpc.GenericRpcHandler):
     def _bidi_streaming(
         self, route: Route
     ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
-        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def handle(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
             try:
                 address, metadata = await self._prepare(route, context)
                 call = self._backends.callable(address, route)

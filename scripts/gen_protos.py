@@ -56,7 +56,9 @@ def main() -> int:
             comparison = filecmp.dircmp(fresh / "v1", committed / "v1", ignore=["__pycache__"])
             stale = comparison.left_only + comparison.right_only + comparison.diff_files
             if stale:
-                print(f"generated protobuf code is stale: {sorted(stale)}; run `make protos`", file=sys.stderr)
+                print(
+                    f"generated protobuf code is stale: {sorted(stale)}; run `make protos`", file=sys.stderr
+                )
                 return 1
             print("generated protobuf code is current")
             return 0

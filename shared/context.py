@@ -39,7 +39,9 @@ class CallContext:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("crm_call_context", default=None)
+_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "crm_call_context", default=None
+)
 
 
 def current_call() -> CallContext:

@@ -100,7 +100,9 @@ class UnitOfWork:
 
 
 async def set_tenant(session: AsyncSession, tenant_id: str) -> None:
-    await session.execute(text("SELECT set_config(:name, :value, true)"), {"name": TENANT_SETTING, "value": tenant_id})
+    await session.execute(
+        text("SELECT set_config(:name, :value, true)"), {"name": TENANT_SETTING, "value": tenant_id}
+    )
 
 
 def rls_statements(schema: str, table: str) -> list[str]:

@@ -130,7 +130,9 @@ def translate_database_error(exc: BaseException) -> CrmError | None:
         if isinstance(sqlstate, str) and sqlstate in _SQLSTATE_ERRORS:
             constraint = getattr(current, "constraint_name", None) or ""
             detail = f" ({constraint})" if constraint else ""
-            return _SQLSTATE_ERRORS[sqlstate](f"the database refused the change{detail}", reason=f"SQLSTATE_{sqlstate}")
+            return _SQLSTATE_ERRORS[sqlstate](
+                f"the database refused the change{detail}", reason=f"SQLSTATE_{sqlstate}"
+            )
         current = getattr(current, "orig", None) or current.__cause__
     return None
 

@@ -32,7 +32,9 @@ OPERATIONS = {
 OPERATION_NAMES = {value: key for key, value in OPERATIONS.items()}
 
 # Columns that hold secrets or their hashes: they never leave the owning service.
-SECRET_COLUMNS = frozenset({"password_hash", "key_hash", "salt", "token_hash", "secret_hash", "encrypted_value"})
+SECRET_COLUMNS = frozenset(
+    {"password_hash", "key_hash", "salt", "token_hash", "secret_hash", "encrypted_value"}
+)
 
 
 def change_subject(tenant_id: str, service: str, table: str, operation: str) -> str:
@@ -98,7 +100,8 @@ def changed_fields(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None)
     return sorted(
         key
         for key in set(old) | set(new)
-        if key not in SECRET_COLUMNS and json.dumps(old.get(key), default=_json_default, sort_keys=True)
+        if key not in SECRET_COLUMNS
+        and json.dumps(old.get(key), default=_json_default, sort_keys=True)
         != json.dumps(new.get(key), default=_json_default, sort_keys=True)
     )
 

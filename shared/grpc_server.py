@@ -78,13 +78,17 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
         open_method = method.startswith(OPEN_METHOD_PREFIXES)
         return _wrap_handler(handler, lambda ctx: self._enter(method, metadata, ctx, open_method), method)
 
     async def _enter(
-        self, method: str, metadata: Mapping[str, str | bytes], context: grpc.aio.ServicerContext, open_method: bool
+        self,
+        method: str,
+        metadata: Mapping[str, str | bytes],
+        context: grpc.aio.ServicerContext,
+        open_method: bool,
     ) -> callctx.CallContext:
         if self._internal_token is not None and not open_method:
             presented = _metadata_value(metadata, callctx.INTERNAL_TOKEN_KEY)
@@ -143,9 +147,16 @@ def _wrap_handler(
             await _map_error(exc, context, method)
         finally:
             callctx.reset_call(token)
-            log.debug("call", method=method, request_id=ctx.request_id, ms=round((time.perf_counter() - started) * 1000, 2))
+            log.debug(
+                "call",
+                method=method,
+                request_id=ctx.request_id,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
 
-    async def call_streaming(behavior: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def call_streaming(
+        behavior: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         ctx = await enter(context)
         token = callctx.set_call(ctx)
         try:
@@ -228,7 +239,11 @@ class ServiceApp:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         address = f"{self.settings.listen_host}:{self.settings.port}"

@@ -27,7 +27,9 @@ def alembic_config(script_location: Path, owner_dsn: str, schema: str, app_role:
     return config
 
 
-async def upgrade(script_location: Path, owner_dsn: str, schema: str, app_role: str, revision: str = "head") -> None:
+async def upgrade(
+    script_location: Path, owner_dsn: str, schema: str, app_role: str, revision: str = "head"
+) -> None:
     # Alembic's commands are synchronous and env.py runs its own loop; a thread keeps ours free.
     config = alembic_config(script_location, owner_dsn, schema, app_role)
     await asyncio.to_thread(command.upgrade, config, revision)
@@ -49,7 +51,9 @@ def run_env(context: Any) -> None:
         try:
             async with engine.connect() as connection:
                 # Two replicas starting together must not both migrate.
-                await connection.execute(text("SELECT pg_advisory_lock(hashtext(:s))"), {"s": f"migrate:{schema}"})
+                await connection.execute(
+                    text("SELECT pg_advisory_lock(hashtext(:s))"), {"s": f"migrate:{schema}"}
+                )
                 try:
                     for statement in schema_setup_statements(schema, app_role):
                         await connection.execute(text(statement))
@@ -57,7 +61,9 @@ def run_env(context: Any) -> None:
                     await connection.run_sync(do_run)
                     await connection.commit()
                 finally:
-                    await connection.execute(text("SELECT pg_advisory_unlock(hashtext(:s))"), {"s": f"migrate:{schema}"})
+                    await connection.execute(
+                        text("SELECT pg_advisory_unlock(hashtext(:s))"), {"s": f"migrate:{schema}"}
+                    )
                     await connection.commit()
         finally:
             await engine.dispose()

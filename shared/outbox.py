@@ -44,10 +44,14 @@ def notify_channel(schema: str) -> str:
     return f"{identifier(schema)}_outbox"
 
 
-async def add_to_outbox(session: AsyncSession, schema: str, subject: str, event_id: str, event: Message) -> None:
+async def add_to_outbox(
+    session: AsyncSession, schema: str, subject: str, event_id: str, event: Message
+) -> None:
     """Adds an event to the caller's open transaction; it is published only if that commits."""
     await session.execute(
-        text(f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload) VALUES (:id, :subject, :payload)"),
+        text(
+            f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload) VALUES (:id, :subject, :payload)"
+        ),
         {"id": uuid.UUID(event_id), "subject": subject, "payload": event.SerializeToString()},
     )
     # NOTIFY is delivered at commit, waking the relay without polling latency.
@@ -94,7 +98,9 @@ class OutboxRelay:
                 await conn.add_listener(notify_channel(self._schema), self._on_notify)
                 await self._loop(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("outbox relay lost the database; reconnecting", schema=self._schema, error=str(exc))
+                log.warning(
+                    "outbox relay lost the database; reconnecting", schema=self._schema, error=str(exc)
+                )
                 await asyncio.sleep(backoff)
             finally:
                 await conn.close(timeout=2)
@@ -176,5 +182,7 @@ async def record_change(
         new=new,
         version=version,
     )
-    await add_to_outbox(session, schema, change_subject(tenant_id, service, table, operation), event.event_id, event)
+    await add_to_outbox(
+        session, schema, change_subject(tenant_id, service, table, operation), event.event_id, event
+    )
     return event.event_id

@@ -39,7 +39,8 @@ async def ensure_roles(admin_dsn: str, roles: Roles) -> None:
             # Passwords cannot be bound parameters in DDL; quote_literal keeps them a literal.
             literal = await conn.fetchval("SELECT quote_literal($1)", password)
             await conn.execute(
-                f"{verb} ROLE {identifier(name)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE PASSWORD {literal}"
+                f"{verb} ROLE {identifier(name)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE "
+                f"PASSWORD {literal}"
             )
     finally:
         await conn.close()
@@ -50,7 +51,9 @@ async def ensure_database(admin_dsn: str, database: str, roles: Roles) -> None:
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
             await conn.execute(f"CREATE DATABASE {identifier(database)} OWNER {identifier(roles.owner)}")
-        await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {identifier(database)} TO {identifier(roles.app)}")
+        await conn.execute(
+            f"GRANT CONNECT, TEMPORARY ON DATABASE {identifier(database)} TO {identifier(roles.app)}"
+        )
     finally:
         await conn.close()
 

@@ -42,14 +42,21 @@ class DatabaseRuntime:
     async def start(self) -> None:
         db_url = self.settings.db_url.get_secret_value()
         if self.settings.migrate_on_start:
-            await upgrade(self.migrations, self.settings.db_owner_url.get_secret_value(), self.schemas[0], role_of(db_url))
+            await upgrade(
+                self.migrations,
+                self.settings.db_owner_url.get_secret_value(),
+                self.schemas[0],
+                role_of(db_url),
+            )
         await assert_safe_app_role(db_url, self.schemas)
         self.engine = create_engine(db_url, self.settings.db_pool_size)
         self.sessions = session_factory(self.engine)
         self.nats = await events.connect(self.settings.nats_url, name=f"crm-{self.service}")
         self._js = self.nats.jetstream()
         await events.ensure_stream(self._js)
-        self.relay = OutboxRelay(db_url, self.schemas[0], lambda: self.js, poll_seconds=self.settings.outbox_poll_seconds)
+        self.relay = OutboxRelay(
+            db_url, self.schemas[0], lambda: self.js, poll_seconds=self.settings.outbox_poll_seconds
+        )
 
     async def run_relay(self) -> None:
         assert self.relay is not None

@@ -64,14 +64,17 @@ def audit_row(payload: bytes) -> tuple[Any, ...]:
     operation = OPERATION_NAMES.get(event.operation)
     if operation is None:
         raise UndecodableEvent("operation is not set")
-    old, new = _json_or_none(event.old_values_json, "old_values"), _json_or_none(event.new_values_json, "new_values")
-    if (operation == "INSERT" and (old is not None or new is None)) or (
-        operation == "DELETE" and (old is None or new is not None)
-    ) or (operation in ("UPDATE", "RESTORE") and (old is None or new is None)):
-        raise UndecodableEvent(f"old/new values do not fit a {operation}")
-    changed_at = (
-        event.occur_time.ToDatetime(tzinfo=dt.UTC) if event.HasField("occur_time") else None
+    old, new = (
+        _json_or_none(event.old_values_json, "old_values"),
+        _json_or_none(event.new_values_json, "new_values"),
     )
+    if (
+        (operation == "INSERT" and (old is not None or new is None))
+        or (operation == "DELETE" and (old is None or new is not None))
+        or (operation in ("UPDATE", "RESTORE") and (old is None or new is None))
+    ):
+        raise UndecodableEvent(f"old/new values do not fit a {operation}")
+    changed_at = event.occur_time.ToDatetime(tzinfo=dt.UTC) if event.HasField("occur_time") else None
     if changed_at is None:
         raise UndecodableEvent("occur_time is missing")
     actor = event.actor

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import asyncpg
 import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -27,7 +28,11 @@ DEAD_LETTER_SUBJECT = "crm.deadletter.audit"
 
 class AuditIngest:
     def __init__(
-        self, pool: Callable[[], asyncpg.Pool], jetstream: Callable[[], JetStreamContext], durable: str, batch_size: int
+        self,
+        pool: Callable[[], asyncpg.Pool],
+        jetstream: Callable[[], JetStreamContext],
+        durable: str,
+        batch_size: int,
     ) -> None:
         self._pool = pool
         self._jetstream = jetstream
@@ -60,7 +65,7 @@ class AuditIngest:
                 continue
             await self._handle(js, messages)
 
-    async def _handle(self, js: JetStreamContext, messages: list[nats.aio.msg.Msg]) -> None:
+    async def _handle(self, js: JetStreamContext, messages: list[Msg]) -> None:
         rows, good, poison = [], [], []
         for message in messages:
             try:
@@ -69,9 +74,14 @@ class AuditIngest:
             except UndecodableEvent as exc:
                 poison.append((message, str(exc)))
         for message, reason in poison:
-            log.error("dead-lettering an event the audit log cannot store", subject=message.subject, reason=reason)
-            await js.publish(DEAD_LETTER_SUBJECT, message.data, headers={"Crm-Dead-Letter-Reason": reason,
-                                                                        "Crm-Original-Subject": message.subject})
+            log.error(
+                "dead-lettering an event the audit log cannot store", subject=message.subject, reason=reason
+            )
+            await js.publish(
+                DEAD_LETTER_SUBJECT,
+                message.data,
+                headers={"Crm-Dead-Letter-Reason": reason, "Crm-Original-Subject": message.subject},
+            )
             await message.term()
         if not rows:
             return

@@ -51,7 +51,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, pool: Callable[[], asyncpg.Pool]) -> None:
         self._pool = pool
 
-    async def ListAuditLogs(  # noqa: N802 - gRPC method names are fixed by the contract
+    async def ListAuditLogs(
         self, request: audit_pb2.ListAuditLogsRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.ListAuditLogsResponse:
         rows, next_token = await list_audit_logs(
@@ -63,7 +63,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 record_id=request.record_id,
                 user_id=request.user_id,
                 operation=OPERATION_NAMES.get(request.operation, ""),
-                start_time=protoconv.from_timestamp(request.start_time) if request.HasField("start_time") else None,
+                start_time=protoconv.from_timestamp(request.start_time)
+                if request.HasField("start_time")
+                else None,
                 end_time=protoconv.from_timestamp(request.end_time) if request.HasField("end_time") else None,
             ),
         )

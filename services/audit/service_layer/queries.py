@@ -66,8 +66,13 @@ async def list_audit_logs(pool: asyncpg.Pool, query: AuditLogQuery) -> tuple[lis
             raise invalid("end_time", "must be after start_time")
         bind("changed_at < {}", query.end_time)
     fingerprint = paging.query_fingerprint(
-        "audit_logs", query.table_name, query.record_id, query.user_id, query.operation,
-        query.start_time, query.end_time,
+        "audit_logs",
+        query.table_name,
+        query.record_id,
+        query.user_id,
+        query.operation,
+        query.start_time,
+        query.end_time,
     )
     cursor = paging.decode_token(query.page_token, fingerprint)
     if cursor is not None:
@@ -79,7 +84,8 @@ async def list_audit_logs(pool: asyncpg.Pool, query: AuditLogQuery) -> tuple[lis
         conditions.append(f"(changed_at, id) < (${len(params) - 1}, ${len(params)})")
     params.append(size + 1)
     sql = (
-        "SELECT * FROM audit.audit_logs WHERE " + " AND ".join(conditions)
+        "SELECT * FROM audit.audit_logs WHERE "
+        + " AND ".join(conditions)
         + f" ORDER BY changed_at DESC, id DESC LIMIT ${len(params)}"
     )
     async with pool.acquire() as conn, conn.transaction(readonly=True):

@@ -43,10 +43,12 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
     def __init__(self, use_cases: TenantUseCases) -> None:
         self._use_cases = use_cases
 
-    async def CreateTenant(  # noqa: N802 - gRPC method names are fixed by the contract
+    async def CreateTenant(
         self, request: tenant_pb2.CreateTenantRequest, context: grpc.aio.ServicerContext
     ) -> tenant_pb2.CreateTenantResponse:
-        plan = PLAN_FROM_PROTO.get(request.tenant.plan_type, "basic" if request.tenant.plan_type == 0 else "?")
+        plan = PLAN_FROM_PROTO.get(
+            request.tenant.plan_type, "basic" if request.tenant.plan_type == 0 else "?"
+        )
         onboarded = await self._use_cases.create_tenant(
             NewTenant(
                 name=request.tenant.name,
@@ -67,7 +69,7 @@ class TenantServicer(tenant_pb2_grpc.TenantServiceServicer):
             api_key=onboarded.api_key,
         )
 
-    async def GetTenant(  # noqa: N802
+    async def GetTenant(
         self, request: tenant_pb2.GetTenantRequest, context: grpc.aio.ServicerContext
     ) -> tenant_pb2.Tenant:
         return tenant_message(await self._use_cases.get_tenant(request.id))
@@ -78,7 +80,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         self._use_cases = use_cases
         self._cache_seconds = cache_seconds
 
-    async def ResolveCredential(  # noqa: N802
+    async def ResolveCredential(
         self, request: directory_pb2.ResolveCredentialRequest, context: grpc.aio.ServicerContext
     ) -> directory_pb2.ResolveCredentialResponse:
         resolved = await self._use_cases.resolve_credential(request.credential)
@@ -91,7 +93,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             cache_seconds=self._cache_seconds,
         )
 
-    async def GetTenantRoute(  # noqa: N802
+    async def GetTenantRoute(
         self, request: directory_pb2.GetTenantRouteRequest, context: grpc.aio.ServicerContext
     ) -> directory_pb2.TenantRoute:
         route = await self._use_cases.tenant_route(request.tenant_id)
@@ -103,7 +105,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             plan_type=route["plan_type"],
         )
 
-    async def ListShardRoutes(  # noqa: N802
+    async def ListShardRoutes(
         self, request: directory_pb2.ListShardRoutesRequest, context: grpc.aio.ServicerContext
     ) -> directory_pb2.ListShardRoutesResponse:
         return directory_pb2.ListShardRoutesResponse(

@@ -60,12 +60,14 @@ class ResolvedCredential:
     scopes: list[str]
 
 
-def _row(mapping: Mapping[str, Any]) -> dict[str, Any]:
+def _row(mapping: Mapping[str, Any] | Any) -> dict[str, Any]:
     return {key: (str(value) if isinstance(value, uuid.UUID) else value) for key, value in mapping.items()}
 
 
 class TenantUseCases:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], password_policy: rules.PasswordPolicy) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], password_policy: rules.PasswordPolicy
+    ) -> None:
         self._sessions = sessions
         self._password_policy = password_policy
 
@@ -77,7 +79,9 @@ class TenantUseCases:
         self._require_platform_admin()
         violations = rules.validate_tenant_fields(new.name, new.subdomain)
         if new.plan_type not in rules.PLAN_TYPES:
-            violations.append(invalid("tenant.plan_type", "must be basic, professional or enterprise").violations[0])
+            violations.append(
+                invalid("tenant.plan_type", "must be basic, professional or enterprise").violations[0]
+            )
         violations += rules.validate_email(new.admin_email, "admin_email")
         violations += rules.validate_password(new.admin_password, "admin_password", self._password_policy)
         request_uuid: uuid.UUID | None = None
@@ -117,7 +121,9 @@ class TenantUseCases:
                 await uow.session.execute(insert(tenants).values(tenant_row))
                 tenant_id = str(tenant_row["id"])
                 await uow.session.execute(
-                    insert(tenant_shards).values(tenant_id=tenant_row["id"], shard_id=shard_id, epoch=1, assigned_at=now)
+                    insert(tenant_shards).values(
+                        tenant_id=tenant_row["id"], shard_id=shard_id, epoch=1, assigned_at=now
+                    )
                 )
                 await uow.set_tenant(tenant_id)
                 user_row = {
@@ -148,7 +154,9 @@ class TenantUseCases:
                     "created_at": now,
                 }
                 await uow.session.execute(insert(api_keys).values(key_row))
-                await uow.session.execute(insert(api_key_directory).values(prefix=key.prefix, tenant_id=tenant_row["id"]))
+                await uow.session.execute(
+                    insert(api_key_directory).values(prefix=key.prefix, tenant_id=tenant_row["id"])
+                )
                 public_tenant = {k: v for k, v in tenant_row.items() if k != "create_request_id"}
                 for table, row in (("tenants", public_tenant), ("users", user_row), ("api_keys", key_row)):
                     await record_change(
@@ -171,7 +179,9 @@ class TenantUseCases:
                 if earlier is not None:
                     return earlier
             if "subdomain" in str(exc.orig):
-                raise AlreadyExists(f"subdomain {new.subdomain!r} is taken", reason="SUBDOMAIN_TAKEN") from exc
+                raise AlreadyExists(
+                    f"subdomain {new.subdomain!r} is taken", reason="SUBDOMAIN_TAKEN"
+                ) from exc
             raise
         return Onboarded(
             tenant=_row({**public_tenant, "shard_id": shard_id}),
@@ -186,25 +196,41 @@ class TenantUseCases:
         shown once and is not kept, so a retry gets the ids but not the secret again."""
         async with UnitOfWork(self._sessions, tenant_id=None) as uow:
             row = (
-                await uow.session.execute(
-                    select(tenants, tenant_shards.c.shard_id)
-                    .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
-                    .where(tenants.c.create_request_id == request_id)
+                (
+                    await uow.session.execute(
+                        select(tenants, tenant_shards.c.shard_id)
+                        .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
+                        .where(tenants.c.create_request_id == request_id)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
             await uow.set_tenant(str(row["id"]))
             admin = (
                 await uow.session.execute(
-                    select(users.c.id).where(users.c.tenant_id == row["id"], users.c.role == "admin").order_by(users.c.created_at)
+                    select(users.c.id)
+                    .where(users.c.tenant_id == row["id"], users.c.role == "admin")
+                    .order_by(users.c.created_at)
                 )
             ).scalar()
             key_id = (
-                await uow.session.execute(select(api_keys.c.id).where(api_keys.c.tenant_id == row["id"]).order_by(api_keys.c.created_at))
+                await uow.session.execute(
+                    select(api_keys.c.id)
+                    .where(api_keys.c.tenant_id == row["id"])
+                    .order_by(api_keys.c.created_at)
+                )
             ).scalar()
         tenant = _row({k: v for k, v in row.items() if k != "create_request_id"})
-        return Onboarded(tenant=tenant, shard_id=tenant["shard_id"], admin_user_id=str(admin), api_key_id=str(key_id), api_key="")
+        return Onboarded(
+            tenant=tenant,
+            shard_id=tenant["shard_id"],
+            admin_user_id=str(admin),
+            api_key_id=str(key_id),
+            api_key="",
+        )
 
     async def _assign_shard(self, session: AsyncSession) -> uuid.UUID:
         """The active shared shard with the fewest tenants that still has room."""
@@ -223,8 +249,10 @@ class TenantUseCases:
             .with_for_update(of=shards)
         )
         if shard_id is None:
-            raise ResourceExhausted("no active shard has room for another tenant; register a shard", reason="NO_SHARD_CAPACITY")
-        return shard_id
+            raise ResourceExhausted(
+                "no active shard has room for another tenant; register a shard", reason="NO_SHARD_CAPACITY"
+            )
+        return uuid.UUID(str(shard_id))
 
     async def get_tenant(self, tenant_id: str) -> dict[str, Any]:
         call = current_call()
@@ -237,12 +265,16 @@ class TenantUseCases:
             raise invalid("id", "must be a UUID") from exc
         async with UnitOfWork(self._sessions, tenant_id=None) as uow:
             row = (
-                await uow.session.execute(
-                    select(tenants, tenant_shards.c.shard_id)
-                    .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
-                    .where(tenants.c.id == tenant_uuid)
+                (
+                    await uow.session.execute(
+                        select(tenants, tenant_shards.c.shard_id)
+                        .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
+                        .where(tenants.c.id == tenant_uuid)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFound(f"tenant {tenant_id} not found")
         return _row({k: v for k, v in row.items() if k != "create_request_id"})
@@ -262,12 +294,19 @@ class TenantUseCases:
                 raise Unauthenticated("unknown or revoked API key")
             await uow.set_tenant(str(tenant_id))
             row = (
-                await uow.session.execute(
-                    select(api_keys, users.c.email, users.c.is_active)
-                    .join(users, (users.c.id == api_keys.c.user_id) & (users.c.tenant_id == api_keys.c.tenant_id))
-                    .where(api_keys.c.prefix == prefix)
+                (
+                    await uow.session.execute(
+                        select(api_keys, users.c.email, users.c.is_active)
+                        .join(
+                            users,
+                            (users.c.id == api_keys.c.user_id) & (users.c.tenant_id == api_keys.c.tenant_id),
+                        )
+                        .where(api_keys.c.prefix == prefix)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         if (
             row is None
             or row["revoked_at"] is not None
@@ -290,12 +329,22 @@ class TenantUseCases:
             raise invalid("tenant_id", "must be a UUID") from exc
         async with UnitOfWork(self._sessions, tenant_id=None) as uow:
             row = (
-                await uow.session.execute(
-                    select(tenants.c.id, tenants.c.status, tenants.c.plan_type, tenant_shards.c.shard_id, tenant_shards.c.epoch)
-                    .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
-                    .where(tenants.c.id == tenant_uuid)
+                (
+                    await uow.session.execute(
+                        select(
+                            tenants.c.id,
+                            tenants.c.status,
+                            tenants.c.plan_type,
+                            tenant_shards.c.shard_id,
+                            tenant_shards.c.epoch,
+                        )
+                        .join(tenant_shards, tenant_shards.c.tenant_id == tenants.c.id)
+                        .where(tenants.c.id == tenant_uuid)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         if row is None:
             raise NotFound(f"tenant {tenant_id} not found")
         return _row(row)
