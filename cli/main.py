@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib
 import os
+import pkgutil
 import signal
 import time
 from enum import StrEnum
@@ -15,14 +16,10 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(help="Multi-tenant CRM data platform.", no_args_is_help=True)
-tenant_app = typer.Typer(help="Tenants (platform admin).", no_args_is_help=True)
-audit_app = typer.Typer(help="The audit log of your tenant.", no_args_is_help=True)
-app.add_typer(tenant_app, name="tenant")
-app.add_typer(audit_app, name="audit")
 console = Console()
 err_console = Console(stderr=True)
 
-HOME_OPTION = Annotated[Path, typer.Option(envvar="CRM_HOME", help="Data folder of the local stack.")]
+from cli.client import HOME_OPTION  # noqa: E402
 
 
 class ServiceName(StrEnum):
@@ -150,124 +147,15 @@ def down(home: HOME_OPTION = Path(".crm")) -> None:
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
-# --- client commands ------------------------------------------------------------------------
+def _register_client_commands() -> None:
+    """Each module in cli/commands adds its own command groups with `register(app)`."""
+    import cli.commands
+
+    for module_info in sorted(pkgutil.iter_modules(cli.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"cli.commands.{module_info.name}").register(app)
 
 
-def _gateway(home: Path, gateway: str | None) -> str:
-    if gateway:
-        return gateway
-    state = home / "stack.json"
-    if state.exists():
-        port = json.loads(state.read_text()).get("port:gateway")
-        if port:
-            return f"127.0.0.1:{port}"
-    return "127.0.0.1:50051"
-
-
-def _platform_key(home: Path, key: str | None) -> str:
-    if key:
-        return key
-    state = home / "stack.json"
-    if state.exists():
-        return str(json.loads(state.read_text())["platform_admin_key"])
-    raise typer.BadParameter("pass --key or set CRM_PLATFORM_ADMIN_KEY")
-
-
-def _call(gateway: str, key: str, stub_factory: Any, method: str, request: Any) -> Any:
-    import grpc
-
-    with grpc.insecure_channel(gateway) as channel:
-        try:
-            return getattr(stub_factory(channel), method)(
-                request, metadata=(("authorization", f"Bearer {key}"),), timeout=30
-            )
-        except grpc.RpcError as exc:
-            err_console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
-            raise typer.Exit(1) from exc
-
-
-def _print(message: Any) -> None:
-    from google.protobuf import json_format
-
-    console.print_json(json_format.MessageToJson(message, preserving_proto_field_name=True))
-
-
-GATEWAY_OPTION = Annotated[str | None, typer.Option(envvar="CRM_GATEWAY", help="host:port of the gateway.")]
-
-
-@tenant_app.command("create")
-def tenant_create(
-    name: Annotated[str, typer.Option()],
-    subdomain: Annotated[str, typer.Option()],
-    admin_email: Annotated[str, typer.Option()],
-    admin_password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
-    plan: Annotated[str, typer.Option()] = "basic",
-    key: Annotated[str | None, typer.Option(envvar="CRM_PLATFORM_ADMIN_KEY")] = None,
-    gateway: GATEWAY_OPTION = None,
-    home: HOME_OPTION = Path(".crm"),
-) -> None:
-    """Onboard a tenant; prints it and its first API key (shown once)."""
-    from crm.v1 import tenant_pb2, tenant_pb2_grpc
-
-    plans = {
-        "basic": tenant_pb2.PLAN_TYPE_BASIC,
-        "professional": tenant_pb2.PLAN_TYPE_PROFESSIONAL,
-        "enterprise": tenant_pb2.PLAN_TYPE_ENTERPRISE,
-    }
-    request = tenant_pb2.CreateTenantRequest(
-        tenant=tenant_pb2.Tenant(
-            name=name, subdomain=subdomain, plan_type=plans.get(plan, tenant_pb2.PLAN_TYPE_UNSPECIFIED)
-        ),
-        admin_email=admin_email,
-        admin_password=admin_password,
-    )
-    reply = _call(
-        _gateway(home, gateway),
-        _platform_key(home, key),
-        tenant_pb2_grpc.TenantServiceStub,
-        "CreateTenant",
-        request,
-    )
-    _print(reply)
-
-
-@tenant_app.command("get")
-def tenant_get(
-    tenant_id: str,
-    key: Annotated[str | None, typer.Option(envvar="CRM_PLATFORM_ADMIN_KEY")] = None,
-    gateway: GATEWAY_OPTION = None,
-    home: HOME_OPTION = Path(".crm"),
-) -> None:
-    """Show one tenant."""
-    from crm.v1 import tenant_pb2, tenant_pb2_grpc
-
-    request = tenant_pb2.GetTenantRequest(id=tenant_id)
-    _print(
-        _call(
-            _gateway(home, gateway),
-            _platform_key(home, key),
-            tenant_pb2_grpc.TenantServiceStub,
-            "GetTenant",
-            request,
-        )
-    )
-
-
-@audit_app.command("log")
-def audit_log(
-    key: Annotated[str, typer.Option(envvar="CRM_API_KEY", help="Your tenant's API key.")],
-    table: Annotated[str, typer.Option()] = "",
-    record: Annotated[str, typer.Option()] = "",
-    limit: Annotated[int, typer.Option()] = 50,
-    gateway: GATEWAY_OPTION = None,
-    home: HOME_OPTION = Path(".crm"),
-) -> None:
-    """List your tenant's audit entries, newest first."""
-    from crm.v1 import audit_pb2, audit_pb2_grpc
-
-    request = audit_pb2.ListAuditLogsRequest(page_size=limit, table_name=table, record_id=record)
-    _print(_call(_gateway(home, gateway), key, audit_pb2_grpc.AuditServiceStub, "ListAuditLogs", request))
-
+_register_client_commands()
 
 if __name__ == "__main__":
     app()

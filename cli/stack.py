@@ -204,8 +204,16 @@ class Stack:
         for i in range(self.shards):
             shard = f"shard-{i}"
             urls = self.db_urls(self.database(f"shard_{i}"))
-            core = add(f"core-entity@{shard}", "core-entity", {**urls, "CRM_SHARD_NAME": shard})
-            custom = add(f"custom-object@{shard}", "custom-object", {**urls, "CRM_SHARD_NAME": shard})
+            core_port = self._port(f"port:core-entity@{shard}")
+            custom_port = self._port(f"port:custom-object@{shard}")
+            siblings = {
+                **urls,
+                "CRM_SHARD_NAME": shard,
+                "CRM_CORE_ENTITY_ADDRESS": f"127.0.0.1:{core_port}",
+                "CRM_CUSTOM_OBJECT_ADDRESS": f"127.0.0.1:{custom_port}",
+            }
+            core = add(f"core-entity@{shard}", "core-entity", siblings, port=core_port)
+            custom = add(f"custom-object@{shard}", "custom-object", siblings, port=custom_port)
             shard_specs.append(
                 {"name": shard, "core_entity_address": core.address, "custom_object_address": custom.address}
             )

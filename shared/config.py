@@ -71,8 +71,14 @@ class AuditSettings(DatabaseSettings):
 class ShardServiceSettings(DatabaseSettings):
     """A per-shard backend: core-entity or custom-object."""
 
-    #: The shard this instance serves (UUID or name as registered in the directory).
+    #: The shard this instance serves (its name as registered in the directory).
     shard_name: str = Field(default="shard-0")
+    #: host:port of the same shard's core-entity service (custom-object checks lookups to core
+    #: records through it).
+    core_entity_address: str = ""
+    #: host:port of the same shard's custom-object service (core-entity reads custom field
+    #: definitions from it).
+    custom_object_address: str = ""
 
 
 class GatewaySettings(CommonSettings):

@@ -1,0 +1,1 @@
+"""Client command groups; each module registers its own with `register(app)`."""
