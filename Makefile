@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROTO_FILES := $(wildcard protos/crm/v1/*.proto)
 
-.PHONY: setup test test-unit test-integration test-e2e lint typecheck protos protos-check buf-lint run down bench ci clean
+
+.PHONY: deploy-check setup test test-unit test-integration test-e2e lint typecheck protos protos-check buf-lint run down bench ci clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +52,9 @@ down: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+deploy-check:
+	bash deploy/checkov.sh
 
 clean:
 	rm -rf $(VENV) .crm .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,8 @@ class CommonSettings(BaseSettings):
     log_level: str = "info"
     #: Emit JSON log lines (production) instead of coloured console lines.
     log_json: bool = False
+    #: Replicas of the CRM_EVENTS stream: 1 on a single node, 3 in a JetStream cluster.
+    nats_stream_replicas: int = 1
     #: Largest message a server accepts, in bytes.
     max_message_bytes: int = 4 * 1024 * 1024
 
@@ -57,6 +59,20 @@ class TenantSettings(DatabaseSettings):
     bootstrap_shards: str = "[]"
     #: Seconds the gateway may cache a resolved credential.
     credential_cache_seconds: int = 5
+    #: Fernet key (urlsafe base64 of 32 bytes) that encrypts configuration values marked
+    #: is_encrypted and shard connection settings at rest. When empty, a key is derived from the
+    #: internal token (local stacks only; set it in production).
+    encryption_key: SecretStr = SecretStr("")
+    #: Lifetime of a session token from Authenticate, in seconds.
+    session_ttl_seconds: int = 8 * 3600
+    #: Failed sign-ins in a row that lock an account.
+    lockout_threshold: int = 5
+    #: How long a locked account stays locked, in seconds.
+    lockout_seconds: int = 15 * 60
+    #: Deadline of onboarding's call to the shard's pipeline service, in seconds.
+    onboarding_call_seconds: float = 10.0
+    #: Create the default "Sales Pipeline" on the tenant's shard during onboarding.
+    onboarding_pipeline: bool = True
 
 
 class AuditSettings(DatabaseSettings):
@@ -66,6 +82,18 @@ class AuditSettings(DatabaseSettings):
     consumer_name: str = "audit"
     #: Events fetched and written per batch.
     ingest_batch_size: int = 256
+    #: host:port of the tenant service: its DirectoryService locates each tenant's shard, and
+    #: its DataAdminService restores and erases the tenant service's own records. Empty turns
+    #: restore, retention, erasure and report counts into UNAVAILABLE.
+    tenant_address: str = ""
+    #: Seconds between scheduled retention runs over every tenant's active policies; 0 disables.
+    retention_interval_seconds: float = 24 * 3600
+    #: Seconds between scheduled archive runs; 0 disables (the seed's cron job runs weekly).
+    archive_interval_seconds: float = 7 * 24 * 3600
+    #: Scheduled archiving moves monthly partitions older than this many days.
+    archive_after_days: int = 365
+    #: Deadline of each call to an owning service's DataAdminService, in seconds.
+    owner_call_timeout_seconds: float = 30.0
 
 
 class ShardServiceSettings(DatabaseSettings):

@@ -53,7 +53,7 @@ class DatabaseRuntime:
         self.sessions = session_factory(self.engine)
         self.nats = await events.connect(self.settings.nats_url, name=f"crm-{self.service}")
         self._js = self.nats.jetstream()
-        await events.ensure_stream(self._js)
+        await events.ensure_stream(self._js, self.settings.nats_stream_replicas)
         self.relay = OutboxRelay(
             db_url, self.schemas[0], lambda: self.js, poll_seconds=self.settings.outbox_poll_seconds
         )
