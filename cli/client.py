@@ -4,6 +4,7 @@ call and print."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +19,37 @@ GATEWAY_OPTION = Annotated[str | None, typer.Option(envvar="CRM_GATEWAY", help="
 PLATFORM_KEY_OPTION = Annotated[
     str | None, typer.Option("--key", envvar="CRM_PLATFORM_ADMIN_KEY", help="Platform admin key.")
 ]
-API_KEY_OPTION = Annotated[str, typer.Option("--key", envvar="CRM_API_KEY", help="Your tenant's API key.")]
+
+
+def credentials_file() -> Path:
+    return Path(os.environ.get("CRM_CONFIG_DIR", "~/.config/crm")).expanduser() / "credentials.json"
+
+
+def stored_credential() -> str:
+    """The credential saved by `crm use-key` or `crm login`, or ''."""
+    path = credentials_file()
+    if not path.exists():
+        return ""
+    return str(json.loads(path.read_text()).get("credential", ""))
+
+
+def store_credential(credential: str, kind: str) -> Path:
+    path = credentials_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"credential": credential, "kind": kind}))
+    path.chmod(0o600)  # a bearer credential: readable by its owner only
+    return path
+
+
+API_KEY_OPTION = Annotated[
+    str,
+    typer.Option(
+        "--key",
+        envvar="CRM_API_KEY",
+        show_default=False,
+        help="Your tenant's API key or session token (default: saved by `crm use-key` / `crm login`).",
+    ),
+]
 
 
 def gateway_address(home: Path, gateway: str | None) -> str:
@@ -43,6 +74,13 @@ def platform_key(home: Path, key: str | None) -> str:
 
 def call(gateway: str, key: str, stub_factory: Any, method: str, request: Any) -> Any:
     import grpc
+
+    key = key or stored_credential()
+    if not key:
+        err_console.print(
+            "[red]no credential[/red]: pass --key, set CRM_API_KEY, or run `crm use-key` / `crm login`"
+        )
+        raise typer.Exit(2)
 
     with grpc.insecure_channel(gateway) as channel:
         try:

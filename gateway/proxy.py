@@ -1,25 +1,42 @@
 """Pass-through forwarding: a generic handler whose (de)serialisers are identity, so request
-and response bodies cross the gateway as bytes; only metadata is read and rewritten."""
+and response bodies cross the gateway as bytes; only metadata is read and rewritten.
+
+Per call the gateway authenticates (cached), authorises by the method's access level, checks the
+tenant's status and rate limit, picks the backend (the tenant's shard for core-entity and
+custom-object calls), forwards with its own x-crm-* metadata and the internal credential, and
+records one API audit event off the request path. A backend that refuses a stale shard epoch
+makes the gateway refresh the tenant's route and try once more.
+"""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_status import rpc_status
 
+from crm.v1 import events_pb2
+from gateway.api_audit import ApiAuditPublisher
 from gateway.directory import Directory, Principal
+from gateway.ratelimit import RateLimiter
 from gateway.routing import Access, Backend, Route
 from shared import context as callctx
-from shared.errors import CrmError, FailedPrecondition, PermissionDenied, Unauthenticated
+from shared.errors import (
+    CrmError,
+    FailedPrecondition,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    error_reason,
+)
 from shared.grpc_server import abort_with, insecure_channel
-from shared.logging import get_logger
 
-log = get_logger(__name__)
-
-# Metadata a client may send that the gateway passes on (everything x-crm-* is the gateway's own).
 USER_AGENT_KEY = "user-agent"
+STALE_EPOCH_REASON = "STALE_EPOCH"
 
 
 class Backends:
@@ -41,6 +58,9 @@ class Backends:
     def fixed_address(self, backend: Backend) -> str | None:
         return self._fixed.get(backend)
 
+    def fixed_address_of(self, kind: str) -> str:
+        return self._fixed[Backend(kind)]
+
     def callable(self, address: str, route: Route) -> Any:
         key = (address, route.path)
         found = self._callables.get(key)
@@ -56,6 +76,9 @@ class Backends:
             self._callables[key] = found
         return found
 
+    def addresses(self) -> list[str]:
+        return list(self._channels)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
@@ -69,6 +92,24 @@ def _bearer(metadata: dict[str, str]) -> str:
     return credential.strip()
 
 
+@dataclass
+class _Call:
+    """What the gateway learns about one call, for routing and for its API audit record."""
+
+    route: Route
+    started: float = field(default_factory=time.perf_counter)
+    request_id: str = ""
+    principal: Principal | None = None
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+    address: str = ""
+    request_size: int = 0
+    response_size: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    error: str = ""
+    ip: str = ""
+    user_agent: str = ""
+
+
 class Proxy(grpc.GenericRpcHandler):
     def __init__(
         self,
@@ -77,12 +118,16 @@ class Proxy(grpc.GenericRpcHandler):
         backends: Backends,
         internal_token: str,
         default_deadline: float,
+        rate_limiter: RateLimiter,
+        api_audit: ApiAuditPublisher,
     ) -> None:
         self._routes = routes
         self._directory = directory
         self._backends = backends
         self._internal_token = internal_token
         self._default_deadline = default_deadline
+        self._rate_limiter = rate_limiter
+        self._api_audit = api_audit
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         route = self._routes.get(handler_call_details.method)
@@ -96,75 +141,135 @@ class Proxy(grpc.GenericRpcHandler):
             return grpc.stream_unary_rpc_method_handler(self._client_streaming(route))
         return grpc.stream_stream_rpc_method_handler(self._bidi_streaming(route))
 
-    async def _prepare(
-        self, route: Route, context: grpc.aio.ServicerContext
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """Authenticates, authorises and routes one call; returns the backend and its metadata."""
-        metadata = {k: (v if isinstance(v, str) else "") for k, v in context.invocation_metadata() or ()}
-        request_id = metadata.get(callctx.CLIENT_REQUEST_ID_KEY) or str(uuid.uuid4())
-        await context.send_initial_metadata(((callctx.CLIENT_REQUEST_ID_KEY, request_id),))
-        principal = await self._directory.authenticate(_bearer(metadata))
-        outgoing = [
-            (callctx.INTERNAL_TOKEN_KEY, self._internal_token),
-            (callctx.REQUEST_ID_KEY, request_id),
-            (callctx.CLIENT_IP_KEY, _peer_ip(context.peer())),
-        ]
-        if USER_AGENT_KEY in metadata:
-            outgoing.append((callctx.USER_AGENT_KEY, metadata[USER_AGENT_KEY]))
-        address = self._authorise(route, principal, outgoing)
-        if principal.tenant_id:
-            tenant_route = await self._directory.route(principal.tenant_id)
-            if tenant_route.status == "suspended" and route.access is Access.TENANT:
-                raise FailedPrecondition("tenant suspended", reason="TENANT_SUSPENDED")
-            if tenant_route.status == "cancelled" and route.access is Access.TENANT:
-                raise FailedPrecondition("tenant cancelled", reason="TENANT_CANCELLED")
-            outgoing.append((callctx.SHARD_EPOCH_KEY, str(tenant_route.epoch)))
-            if address is None:
-                shard = await self._directory.shard(tenant_route.shard_id)
-                address = (
-                    shard.core_entity_address
-                    if route.backend is Backend.CORE_ENTITY
-                    else shard.custom_object_address
-                )
-        assert address is not None
-        return address, outgoing
+    # --- per-call preparation --------------------------------------------------------------
 
-    def _authorise(self, route: Route, principal: Principal, outgoing: list[tuple[str, str]]) -> str | None:
+    async def _prepare(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        call.request_id = metadata.get(callctx.CLIENT_REQUEST_ID_KEY) or str(uuid.uuid4())
+        call.ip = _peer_ip(context.peer())
+        call.user_agent = metadata.get(USER_AGENT_KEY, "")
+        await context.send_initial_metadata(((callctx.CLIENT_REQUEST_ID_KEY, call.request_id),))
+        # Everything x-crm-* is rebuilt here; nothing the client sent under those keys passes.
+        call.metadata = [
+            (callctx.INTERNAL_TOKEN_KEY, self._internal_token),
+            (callctx.REQUEST_ID_KEY, call.request_id),
+            (callctx.CLIENT_IP_KEY, call.ip),
+        ]
+        if call.user_agent:
+            call.metadata.append((callctx.USER_AGENT_KEY, call.user_agent))
+        if call.route.access is Access.PUBLIC:
+            call.address = self._backends.fixed_address_of(call.route.backend.value)
+            return
+        principal = await self._directory.authenticate(_bearer(metadata))
+        call.principal = principal
+        self._authorise(call.route, principal, call.metadata)
+        await self._target(call, refresh=False)
+
+    def _authorise(self, route: Route, principal: Principal, outgoing: list[tuple[str, str]]) -> None:
         if principal.platform_admin:
             if route.access is Access.TENANT:
                 raise PermissionDenied(
                     "the platform admin credential carries no tenant; use a tenant credential"
                 )
             outgoing.append((callctx.PLATFORM_ADMIN_KEY, "true"))
-        else:
-            if route.access is Access.PLATFORM:
-                raise PermissionDenied("this call needs the platform admin credential")
-            outgoing += [
-                (callctx.TENANT_ID_KEY, principal.tenant_id),
-                (callctx.USER_ID_KEY, principal.user_id),
-            ]
-            if principal.api_key_id:
-                outgoing.append((callctx.API_KEY_ID_KEY, principal.api_key_id))
-            if principal.session_id:
-                outgoing.append((callctx.SESSION_ID_KEY, principal.session_id))
-            if principal.email:
-                outgoing.append((callctx.USER_EMAIL_KEY, principal.email))
-        return self._backends.fixed_address(route.backend)
+            return
+        if route.access is Access.PLATFORM:
+            raise PermissionDenied("this call needs the platform admin credential")
+        outgoing += [(callctx.TENANT_ID_KEY, principal.tenant_id), (callctx.USER_ID_KEY, principal.user_id)]
+        if principal.api_key_id:
+            outgoing.append((callctx.API_KEY_ID_KEY, principal.api_key_id))
+        if principal.session_id:
+            outgoing.append((callctx.SESSION_ID_KEY, principal.session_id))
+        if principal.email:
+            outgoing.append((callctx.USER_EMAIL_KEY, principal.email))
+
+    async def _target(self, call: _Call, refresh: bool) -> None:
+        """Resolves the backend address and the shard epoch (refreshed after a stale-epoch refusal)."""
+        route, principal = call.route, call.principal
+        assert principal is not None
+        call.metadata = [(k, v) for k, v in call.metadata if k != callctx.SHARD_EPOCH_KEY]
+        fixed = self._backends.fixed_address(route.backend)
+        if principal.platform_admin:
+            assert fixed is not None
+            call.address = fixed
+            return
+        tenant_route = await self._directory.route(principal.tenant_id, refresh=refresh)
+        if route.access is Access.TENANT and tenant_route.status in ("suspended", "cancelled"):
+            raise FailedPrecondition(
+                f"tenant {tenant_route.status}", reason=f"TENANT_{tenant_route.status.upper()}"
+            )
+        if not refresh:
+            wait = self._rate_limiter.try_acquire(principal.tenant_id, tenant_route.plan_type)
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"rate limit of the {tenant_route.plan_type} plan exceeded; retry in {wait:.2f}s",
+                    reason="RATE_LIMITED",
+                    retry_after=wait,
+                )
+        call.metadata.append((callctx.SHARD_EPOCH_KEY, str(tenant_route.epoch)))
+        if fixed is not None:
+            call.address = fixed
+            return
+        shard = await self._directory.shard(tenant_route.shard_id)
+        call.address = (
+            shard.core_entity_address if route.backend is Backend.CORE_ENTITY else shard.custom_object_address
+        )
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self._default_deadline if remaining is None else max(remaining, 0.001)
 
+    # --- the four call shapes ----------------------------------------------------------------
+
     def _unary(self, route: Route) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            call = _Call(route, request_size=len(request))
             try:
-                address, metadata = await self._prepare(route, context)
-                call = self._backends.callable(address, route)
-                return await call(request, metadata=metadata, timeout=self._timeout(context))  # type: ignore[no-any-return]
-            except CrmError as exc:
-                await abort_with(context, exc.to_status())
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc)
+                await self._prepare(call, context)
+                for attempt in (1, 2):
+                    try:
+                        target = self._backends.callable(call.address, route)
+                        response: bytes = await target(
+                            request, metadata=call.metadata, timeout=self._timeout(context)
+                        )
+                        call.response_size = len(response)
+                        return response
+                    except grpc.aio.AioRpcError as exc:
+                        if attempt == 1 and _is_stale_epoch(exc):
+                            await self._target(call, refresh=True)
+                            continue
+                        raise
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            finally:
+                self._record(call)
+            raise AssertionError("unreachable")
+
+        return handle
+
+    def _client_streaming(
+        self, route: Route
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            call = _Call(route)
+
+            async def counted() -> AsyncIterator[bytes]:
+                async for message in requests:
+                    call.request_size += len(message)
+                    yield message
+
+            try:
+                await self._prepare(call, context)
+                target = self._backends.callable(call.address, route)
+                response: bytes = await target(
+                    counted(), metadata=call.metadata, timeout=self._timeout(context)
+                )
+                call.response_size = len(response)
+                return response
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            finally:
+                self._record(call)
             raise AssertionError("unreachable")
 
         return handle
@@ -173,31 +278,17 @@ class Proxy(grpc.GenericRpcHandler):
         self, route: Route
     ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = _Call(route, request_size=len(request))
             try:
-                address, metadata = await self._prepare(route, context)
-                call = self._backends.callable(address, route)
-                async for response in call(request, metadata=metadata, timeout=self._timeout(context)):
+                await self._prepare(call, context)
+                target = self._backends.callable(call.address, route)
+                async for response in target(request, metadata=call.metadata, timeout=self._timeout(context)):
+                    call.response_size += len(response)
                     yield response
-            except CrmError as exc:
-                await abort_with(context, exc.to_status())
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc)
-
-        return handle
-
-    def _client_streaming(
-        self, route: Route
-    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
-        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-            try:
-                address, metadata = await self._prepare(route, context)
-                call = self._backends.callable(address, route)
-                return await call(requests, metadata=metadata, timeout=self._timeout(context))  # type: ignore[no-any-return]
-            except CrmError as exc:
-                await abort_with(context, exc.to_status())
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc)
-            raise AssertionError("unreachable")
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            finally:
+                self._record(call)
 
         return handle
 
@@ -207,24 +298,63 @@ class Proxy(grpc.GenericRpcHandler):
         async def handle(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
+            call = _Call(route)
             try:
-                address, metadata = await self._prepare(route, context)
-                call = self._backends.callable(address, route)
-                async for response in call(requests, metadata=metadata, timeout=self._timeout(context)):
+                await self._prepare(call, context)
+                target = self._backends.callable(call.address, route)
+                async for response in target(
+                    requests, metadata=call.metadata, timeout=self._timeout(context)
+                ):
+                    call.response_size += len(response)
                     yield response
-            except CrmError as exc:
-                await abort_with(context, exc.to_status())
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc)
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            finally:
+                self._record(call)
 
         return handle
 
+    # --- errors and accounting ---------------------------------------------------------------
 
-async def _relay_error(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
-    # Trailing metadata must be passed on as a tuple, or abort raises TypeError; passed whole,
-    # the backend's google.rpc.Status details (field violations) reach the client intact.
-    trailing = tuple(exc.trailing_metadata() or ())
-    await context.abort(exc.code(), exc.details() or "", trailing)
+    async def _fail(self, call: _Call, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, CrmError):
+            call.code, call.error = exc.code, exc.message
+            await abort_with(context, exc.to_status())
+        if isinstance(exc, grpc.aio.AioRpcError):
+            call.code, call.error = exc.code(), exc.details() or ""
+            # Trailing metadata must be passed on as a tuple, or abort raises TypeError; passed
+            # whole, the backend's google.rpc.Status details (field violations) arrive intact.
+            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        call.code, call.error = grpc.StatusCode.INTERNAL, "gateway error"
+        raise exc
+
+    def _record(self, call: _Call) -> None:
+        principal = call.principal
+        self._api_audit.record(
+            events_pb2.ApiCallEvent(
+                tenant_id=principal.tenant_id if principal else "",
+                user_id=principal.user_id if principal else "",
+                api_key_id=principal.api_key_id if principal else "",
+                endpoint=call.route.path,
+                status_code=call.code.name,
+                request_size=call.request_size,
+                response_size=call.response_size,
+                duration_ms=int((time.perf_counter() - call.started) * 1000),
+                ip_address=call.ip,
+                user_agent=call.user_agent,
+                request_id=call.request_id,
+                error_message=call.error[:500],
+            )
+        )
+
+
+def _is_stale_epoch(exc: grpc.aio.AioRpcError) -> bool:
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    status = rpc_status.from_call(exc)
+    return status is not None and error_reason(status) == STALE_EPOCH_REASON
 
 
 def _peer_ip(peer: str) -> str:

@@ -25,6 +25,7 @@ class Access(enum.StrEnum):
     TENANT = "tenant"  # a tenant credential; routed with that tenant's context
     PLATFORM = "platform"  # the platform admin credential only
     EITHER = "either"  # platform admin, or a tenant acting on itself
+    PUBLIC = "public"  # no credential: signing in is how a client gets one
 
 
 SERVICE_BACKENDS: dict[str, Backend] = {
@@ -41,7 +42,7 @@ SERVICE_BACKENDS: dict[str, Backend] = {
 }
 
 # Internal services the gateway itself calls; never reachable from outside.
-INTERNAL_SERVICES = frozenset({"crm.v1.DirectoryService"})
+INTERNAL_SERVICES = frozenset({"crm.v1.DirectoryService", "crm.v1.DataAdminService"})
 
 PLATFORM_METHODS = frozenset(
     {
@@ -58,6 +59,7 @@ PLATFORM_METHODS = frozenset(
     }
 )
 EITHER_METHODS = frozenset({"GetTenant", "ListSystemMetadata"})
+PUBLIC_METHODS = frozenset({"Authenticate"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,9 @@ def build_routes() -> dict[str, Route]:
                 continue
             for method in service.methods:
                 access = (
-                    Access.PLATFORM
+                    Access.PUBLIC
+                    if backend is Backend.TENANT and method.name in PUBLIC_METHODS
+                    else Access.PLATFORM
                     if backend is Backend.TENANT and method.name in PLATFORM_METHODS
                     else Access.EITHER
                     if backend is Backend.TENANT and method.name in EITHER_METHODS

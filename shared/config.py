@@ -118,6 +118,9 @@ class GatewaySettings(CommonSettings):
     audit_address: str
     #: The platform admin credential for platform-level calls (tenants, shards, system metadata).
     platform_admin_key: SecretStr
+    #: Per-plan rate limits as JSON {"basic": [calls_per_second, burst], ...}; unset plans keep
+    #: the defaults (basic 50/100, professional 200/400, enterprise 1000/2000).
+    rate_limits: str = ""
     #: Deadline applied when the client sets none, in seconds.
     default_deadline_seconds: float = 30.0
     #: PEM certificate for TLS on the external port; plaintext when unset.

@@ -105,6 +105,20 @@ class ResourceExhausted(CrmError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str, *, reason: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
+
+    def details(self) -> list[any_pb2.Any]:
+        details = super().details()
+        if self.retry_after is not None:
+            retry = any_pb2.Any()
+            retry_info = error_details_pb2.RetryInfo()
+            retry_info.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
+            retry.Pack(retry_info)
+            details.append(retry)
+        return details
+
 
 class Unavailable(CrmError):
     code = grpc.StatusCode.UNAVAILABLE
@@ -135,6 +149,16 @@ def translate_database_error(exc: BaseException) -> CrmError | None:
             )
         current = getattr(current, "orig", None) or current.__cause__
     return None
+
+
+def error_reason(status: status_pb2.Status) -> str:
+    """The ErrorInfo reason carried by a status, or ''."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 def internal_status(message: str = "internal error") -> status_pb2.Status:
