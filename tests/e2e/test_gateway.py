@@ -240,3 +240,39 @@ async def test_tls_on_the_external_port(suite: Stack) -> None:
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         await app.stop()
+
+
+async def test_a_backend_restarted_under_load_fails_cleanly_then_recovers(
+    suite: Stack, gateway: grpc.aio.Channel
+) -> None:
+    created = await create_tenant(gateway, suite.platform_admin_key)
+    stub = audit_pb2_grpc.AuditServiceStub(gateway)
+    codes: list[grpc.StatusCode] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        while not stop.is_set():
+            try:
+                await stub.ListAuditLogs(
+                    audit_pb2.ListAuditLogsRequest(page_size=1), metadata=bearer(created.api_key), timeout=5
+                )
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+            await asyncio.sleep(0.02)
+
+    worker = asyncio.create_task(load())
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(suite.restart_service, "audit")
+    await asyncio.sleep(0.5)
+    stop.set()
+    await worker
+    # Failures during the restart are retryable, never INTERNAL or UNKNOWN; calls succeed after.
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    reply = await stub.ListAuditLogs(
+        audit_pb2.ListAuditLogsRequest(page_size=1),
+        metadata=bearer(created.api_key),
+        timeout=10,
+        wait_for_ready=True,
+    )
+    assert reply is not None
