@@ -78,6 +78,8 @@ class Stack:
     prefix: str = "crm"
     log_level: str = "info"
     gateway_port: int | None = None
+    #: OTLP/gRPC endpoint every process exports traces to; empty: no export.
+    otlp_endpoint: str = ""
     state: dict[str, Any] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
     nats: EmbeddedNats | None = None
@@ -189,14 +191,14 @@ class Stack:
             "CRM_INTERNAL_TOKEN": self.internal_token,
             "CRM_LOG_LEVEL": self.log_level,
             "CRM_SHUTDOWN_GRACE_SECONDS": "2",
+            "CRM_OTLP_ENDPOINT": self.otlp_endpoint,
         }
 
         def add(name: str, kind: str, env: dict[str, str], port: int | None = None) -> ServiceProcess:
             chosen = port if port is not None else self._port(f"port:{name}")
             self.state[f"port:{name}"] = chosen
-            service = ServiceProcess(
-                name, kind, chosen, {**common, **env, "CRM_PORT": str(chosen)}, logs / f"{name}.log"
-            )
+            metrics = {"CRM_PORT": str(chosen), "CRM_METRICS_PORT": str(self._port(f"metrics:{name}"))}
+            service = ServiceProcess(name, kind, chosen, {**common, **env, **metrics}, logs / f"{name}.log")
             self.services[name] = service
             return service
 

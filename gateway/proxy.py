@@ -18,6 +18,9 @@ from typing import Any
 
 import grpc
 from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.trace import Span, SpanKind
 
 from crm.v1 import events_pb2
 from gateway.api_audit import ApiAuditPublisher
@@ -34,6 +37,7 @@ from shared.errors import (
     error_reason,
 )
 from shared.grpc_server import abort_with, insecure_channel
+from shared.observability import API_AUDIT_BACKLOG, mark_error, observe_call, tracer
 
 USER_AGENT_KEY = "user-agent"
 STALE_EPOCH_REASON = "STALE_EPOCH"
@@ -108,6 +112,7 @@ class _Call:
     error: str = ""
     ip: str = ""
     user_agent: str = ""
+    span: Span | None = None
 
 
 class Proxy(grpc.GenericRpcHandler):
@@ -157,6 +162,12 @@ class Proxy(grpc.GenericRpcHandler):
         ]
         if call.user_agent:
             call.metadata.append((callctx.USER_AGENT_KEY, call.user_agent))
+        # One span per call, continuing the client's trace if it sent one; the backend's span
+        # becomes its child through the traceparent the gateway forwards.
+        call.span = tracer().start_span(call.route.path, context=extract(metadata), kind=SpanKind.SERVER)
+        carrier: dict[str, str] = {}
+        inject(carrier, context=trace.set_span_in_context(call.span))
+        call.metadata += list(carrier.items())
         if call.route.access is Access.PUBLIC:
             call.address = self._backends.fixed_address_of(call.route.backend.value)
             return
@@ -331,6 +342,12 @@ class Proxy(grpc.GenericRpcHandler):
         raise exc
 
     def _record(self, call: _Call) -> None:
+        seconds = time.perf_counter() - call.started
+        observe_call("gateway", call.route.path, call.code.name, seconds)
+        if call.span is not None:
+            mark_error(call.span, call.code.name, call.error)
+            call.span.end()
+        API_AUDIT_BACKLOG.set(self._api_audit.backlog)
         principal = call.principal
         self._api_audit.record(
             events_pb2.ApiCallEvent(
@@ -341,7 +358,7 @@ class Proxy(grpc.GenericRpcHandler):
                 status_code=call.code.name,
                 request_size=call.request_size,
                 response_size=call.response_size,
-                duration_ms=int((time.perf_counter() - call.started) * 1000),
+                duration_ms=int(seconds * 1000),
                 ip_address=call.ip,
                 user_agent=call.user_agent,
                 request_id=call.request_id,

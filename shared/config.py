@@ -30,6 +30,10 @@ class CommonSettings(BaseSettings):
     log_level: str = "info"
     #: Emit JSON log lines (production) instead of coloured console lines.
     log_json: bool = False
+    #: Port of the Prometheus metrics endpoint (/metrics); 0 turns it off.
+    metrics_port: int = 0
+    #: OTLP/gRPC endpoint (host:port) that receives traces; empty turns tracing export off.
+    otlp_endpoint: str = ""
     #: Replicas of the CRM_EVENTS stream: 1 on a single node, 3 in a JetStream cluster.
     nats_stream_replicas: int = 1
     #: Largest message a server accepts, in bytes.

@@ -23,6 +23,7 @@ from shared import context as callctx
 from shared.config import CommonSettings
 from shared.errors import CrmError, internal_status, translate_database_error
 from shared.logging import get_logger
+from shared.observability import mark_error, observe_call, server_span, setup_tracing, start_metrics_server
 
 log = get_logger(__name__)
 
@@ -71,9 +72,10 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
     """Checks the internal credential, puts the caller into a ContextVar, maps errors to
     statuses and writes the access log, for every method of a backend."""
 
-    def __init__(self, internal_token: str | None) -> None:
+    def __init__(self, internal_token: str | None, service_name: str = "") -> None:
         # None means "no credential required" (the gateway's own server).
         self._internal_token = internal_token.encode() if internal_token is not None else None
+        self._service_name = service_name
 
     async def intercept_service(
         self,
@@ -86,7 +88,9 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
         open_method = method.startswith(OPEN_METHOD_PREFIXES)
-        return _wrap_handler(handler, lambda ctx: self._enter(method, metadata, ctx, open_method), method)
+        return _wrap_handler(
+            handler, lambda ctx: self._enter(method, metadata, ctx, open_method), method, self._service_name
+        )
 
     async def _enter(
         self,
@@ -133,10 +137,27 @@ async def _map_error(exc: BaseException, context: grpc.aio.ServicerContext, meth
 _PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError)
 
 
+def _text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return str(code.name) if isinstance(code, grpc.StatusCode) else "ABORTED"
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, CrmError):
+        return str(exc.code.name)
+    translated = translate_database_error(exc)
+    return str(translated.code.name) if translated is not None else "INTERNAL"
+
+
 def _wrap_handler(
     handler: grpc.RpcMethodHandler,
     enter: Callable[[grpc.aio.ServicerContext], Awaitable[callctx.CallContext]],
     method: str,
+    service_name: str,
 ) -> grpc.RpcMethodHandler:
     """Wraps whichever of the four behaviours the handler has in the same enter/map/log shell."""
 
@@ -144,35 +165,42 @@ def _wrap_handler(
         ctx = await enter(context)
         token = callctx.set_call(ctx)
         started = time.perf_counter()
-        try:
-            return await behavior(request, context)
-        except _PASS_THROUGH:
-            raise
-        except Exception as exc:
-            await _map_error(exc, context, method)
-        finally:
-            callctx.reset_call(token)
-            log.debug(
-                "call",
-                method=method,
-                request_id=ctx.request_id,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+        code = "OK"
+        with server_span(method, _text_metadata(context)) as span:
+            try:
+                return await behavior(request, context)
+            except _PASS_THROUGH:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = _code_of(exc)
+                await _map_error(exc, context, method)
+            finally:
+                callctx.reset_call(token)
+                mark_error(span, code)
+                observe_call(service_name, method, code, time.perf_counter() - started)
 
     async def call_streaming(
         behavior: Any, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         ctx = await enter(context)
         token = callctx.set_call(ctx)
-        try:
-            async for item in behavior(request, context):
-                yield item
-        except _PASS_THROUGH:
-            raise
-        except Exception as exc:
-            await _map_error(exc, context, method)
-        finally:
-            callctx.reset_call(token)
+        started = time.perf_counter()
+        code = "OK"
+        with server_span(method, _text_metadata(context)) as span:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except _PASS_THROUGH:
+                code = _code_name(context)
+                raise
+            except Exception as exc:
+                code = _code_of(exc)
+                await _map_error(exc, context, method)
+            finally:
+                callctx.reset_call(token)
+                mark_error(span, code)
+                observe_call(service_name, method, code, time.perf_counter() - started)
 
     serializers = {
         "request_deserializer": handler.request_deserializer,
@@ -226,12 +254,14 @@ class ServiceApp:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> int:
+        start_metrics_server(self.settings.metrics_port)
+        setup_tracing(self.name, self.settings.otlp_endpoint)
         for hook in self.startup:
             await hook()
         interceptors = (
             self.interceptors
             if self.interceptors is not None
-            else [CallContextInterceptor(self.settings.internal_token.get_secret_value())]
+            else [CallContextInterceptor(self.settings.internal_token.get_secret_value(), self.name)]
         )
         server = grpc.aio.server(
             interceptors=interceptors,

@@ -3,11 +3,13 @@ start-up and shutdown order, so each service's bootstrap only adds what is its o
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared import events
@@ -15,7 +17,10 @@ from shared.config import DatabaseSettings
 from shared.db import assert_safe_app_role, create_engine, role_of, session_factory
 from shared.grpc_server import ServiceApp
 from shared.migrations import upgrade
+from shared.observability import OUTBOX_DEPTH, OUTBOX_OLDEST_SECONDS, pool_usage
 from shared.outbox import OutboxRelay
+
+SAMPLE_SECONDS = 5.0
 
 
 @dataclass
@@ -62,6 +67,24 @@ class DatabaseRuntime:
         assert self.relay is not None
         await self.relay.run()
 
+    async def sample_metrics(self) -> None:
+        """Outbox depth and age and pool usage, sampled for Prometheus."""
+        assert self.engine is not None
+        while True:
+            async with self.engine.connect() as conn:
+                depth, oldest = (
+                    await conn.execute(
+                        text(
+                            f"SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) "
+                            f"FROM {self.schemas[0]}.outbox"
+                        )
+                    )
+                ).one()
+            OUTBOX_DEPTH.labels(self.service).set(depth)
+            OUTBOX_OLDEST_SECONDS.labels(self.service).set(float(oldest))
+            pool_usage(self.service, self.engine.pool)
+            await asyncio.sleep(SAMPLE_SECONDS)
+
     async def stop(self) -> None:
         if self.nats is not None and self.nats.is_connected:
             await self.nats.drain()
@@ -71,4 +94,6 @@ class DatabaseRuntime:
     def attach(self, app: ServiceApp) -> None:
         app.startup.insert(0, self.start)
         app.background.append(self.run_relay)
+        if self.settings.metrics_port:
+            app.background.append(self.sample_metrics)
         app.shutdown.append(self.stop)

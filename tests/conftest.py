@@ -17,6 +17,7 @@ import pytest
 from cli.stack import Stack
 from crm.v1 import tenant_pb2, tenant_pb2_grpc
 from tests.backends import Backends, find_backends
+from tests.otlp import OtlpReceiver
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +31,19 @@ def unique_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def suite(backends: Backends) -> Iterator[Stack]:
-    """The whole suite as separate processes on the session's backends, two shards."""
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def suite(backends: Backends, otlp: OtlpReceiver) -> Iterator[Stack]:
+    """The whole suite as separate processes on the session's backends, two shards, exporting
+    traces to the session's OTLP receiver."""
     stack = Stack(
+        otlp_endpoint=otlp.endpoint,
         home=Path(tempfile.mkdtemp(prefix="crm-suite-")),
         database_url=backends.database_url,
         nats_url=backends.nats_url,

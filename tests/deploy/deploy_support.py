@@ -39,7 +39,6 @@ SETTINGS_CLASS = {
 #: Variables the manifests already set for settings that are announced but not yet in
 #: shared/config.py. Each is accepted only while no settings class defines it.
 PENDING_SETTINGS = {
-    "CRM_METRICS_PORT": "Prometheus metrics port (observability issue)",
 }
 GRPC_PORT = 50051
 METRICS_PORT = 9100
