@@ -51,6 +51,7 @@ down: setup
 	$(BIN)/crm down
 
 bench: setup
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 deploy-check:

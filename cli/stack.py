@@ -224,7 +224,13 @@ class Stack:
             "tenant",
             {**self.db_urls(self.database("directory")), "CRM_BOOTSTRAP_SHARDS": json.dumps(shard_specs)},
         )
-        audit = add("audit", "audit", self.db_urls(self.database("audit")))
+        # One durable consumer per suite: suites sharing a NATS server must not take each
+        # other's events.
+        audit = add(
+            "audit",
+            "audit",
+            {**self.db_urls(self.database("audit")), "CRM_CONSUMER_NAME": f"{self.prefix}_audit"},
+        )
         add(
             "gateway",
             "gateway",

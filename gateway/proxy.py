@@ -10,6 +10,7 @@ makes the gateway refresh the tenant's route and try once more.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,7 +41,10 @@ from shared.grpc_server import abort_with, insecure_channel
 from shared.observability import API_AUDIT_BACKLOG, mark_error, observe_call, tracer
 
 USER_AGENT_KEY = "user-agent"
-STALE_EPOCH_REASON = "STALE_EPOCH"
+# Refusals a backend gives before touching anything (shared.shard_guard): safe to retry once
+# after refreshing the tenant's route, which is how a call issued during a move lands right.
+ROUTE_RETRY_REASONS = frozenset({"STALE_SHARD_EPOCH", "TENANT_NOT_ON_SHARD", "TENANT_WRITE_BLOCKED"})
+WRITE_BLOCK_RETRY_DELAY = 0.25
 
 
 class Backends:
@@ -246,7 +250,11 @@ class Proxy(grpc.GenericRpcHandler):
                         call.response_size = len(response)
                         return response
                     except grpc.aio.AioRpcError as exc:
-                        if attempt == 1 and _is_stale_epoch(exc):
+                        reason = _route_refusal(exc)
+                        if attempt == 1 and reason:
+                            if reason == "TENANT_WRITE_BLOCKED":
+                                # A move holds writes for well under a second; wait for the flip.
+                                await asyncio.sleep(WRITE_BLOCK_RETRY_DELAY)
                             await self._target(call, refresh=True)
                             continue
                         raise
@@ -367,11 +375,13 @@ class Proxy(grpc.GenericRpcHandler):
         )
 
 
-def _is_stale_epoch(exc: grpc.aio.AioRpcError) -> bool:
+def _route_refusal(exc: grpc.aio.AioRpcError) -> str:
+    """The shard guard's reason when a backend refused the call for its routing, else ''."""
     if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-        return False
+        return ""
     status = rpc_status.from_call(exc)
-    return status is not None and error_reason(status) == STALE_EPOCH_REASON
+    reason = error_reason(status) if status is not None else ""
+    return reason if reason in ROUTE_RETRY_REASONS else ""
 
 
 def _peer_ip(peer: str) -> str:
