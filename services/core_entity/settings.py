@@ -1,0 +1,24 @@
+"""Settings of the core-entity service: the shard settings plus what is its own."""
+
+from __future__ import annotations
+
+from shared.config import ShardServiceSettings
+
+
+class CoreEntitySettings(ShardServiceSettings):
+    #: Hash partitions of core.activities; read by the migration that creates the table (a
+    #: later change needs a repartitioning migration).
+    activity_partitions: int = 4
+    #: Days a soft-deleted record can be brought back with Undelete.
+    undelete_retention_days: int = 30
+    #: Seconds custom field definitions stay cached without a change event.
+    custom_field_cache_seconds: float = 300.0
+    #: Check the shard membership table (shard.tenants) on every call when it exists.
+    shard_membership_check: bool = True
+
+    @classmethod
+    def from_shard(cls, settings: ShardServiceSettings) -> CoreEntitySettings:
+        """The shard settings plus this service's own variables from the environment."""
+        if isinstance(settings, cls):
+            return settings
+        return cls(**dict(settings))
