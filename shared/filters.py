@@ -55,6 +55,7 @@ MAX_FILTER_LENGTH = 2000
 MAX_COMPARISONS = 50
 MAX_DEPTH = 16
 MAX_ORDER_KEYS = 5
+MAX_DECIMAL_EXPONENT = 100
 
 
 class FieldType(enum.StrEnum):
@@ -340,14 +341,18 @@ def _convert(f: Field, raw: str) -> Any:
             raise ValueError(f"must be one of {sorted(f.choices)}")
         return raw
     if f.type is FieldType.INTEGER:
-        return int(raw)
+        number = int(raw)
+        if not -(2**63) <= number < 2**63:
+            raise ValueError("outside the 64-bit integer range")
+        return number
     if f.type is FieldType.DECIMAL:
         try:
             value = decimal.Decimal(raw)
         except decimal.InvalidOperation as exc:
             raise ValueError("not a number") from exc
-        if not value.is_finite():
-            raise ValueError("not a finite number")
+        # Bounded so that PostgreSQL never sees a numeric it overflows on (an INTERNAL error).
+        if not value.is_finite() or abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+            raise ValueError(f"not a finite number within 1e±{MAX_DECIMAL_EXPONENT}")
         return value
     if f.type is FieldType.BOOLEAN:
         if raw not in ("true", "false"):
