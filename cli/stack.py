@@ -229,7 +229,15 @@ class Stack:
         audit = add(
             "audit",
             "audit",
-            {**self.db_urls(self.database("audit")), "CRM_CONSUMER_NAME": f"{self.prefix}_audit"},
+            {
+                **self.db_urls(self.database("audit")),
+                "CRM_CONSUMER_NAME": f"{self.prefix}_audit",
+                # On a NATS of its own the stream starts empty; on a shared one, a new suite must
+                # not replay other suites' history. Its consumers exist before any client call.
+                "CRM_CONSUMER_DELIVER_FROM": "new" if self.nats_url else "all",
+                # Restore, retention and erasure reach the owning services through the directory.
+                "CRM_TENANT_ADDRESS": tenant.address,
+            },
         )
         add(
             "gateway",

@@ -56,6 +56,8 @@ PLATFORM_METHODS = frozenset(
         "MoveTenant",
         "GetTenantMove",
         "SetSystemMetadata",
+        # Archiving detaches whole partitions, which hold every tenant's entries.
+        "ArchiveAuditLogs",
     }
 )
 EITHER_METHODS = frozenset({"GetTenant", "ListSystemMetadata"})
@@ -104,7 +106,7 @@ def build_routes() -> dict[str, Route]:
                     Access.PUBLIC
                     if backend is Backend.TENANT and method.name in PUBLIC_METHODS
                     else Access.PLATFORM
-                    if backend is Backend.TENANT and method.name in PLATFORM_METHODS
+                    if method.name in PLATFORM_METHODS
                     else Access.EITHER
                     if backend is Backend.TENANT and method.name in EITHER_METHODS
                     else Access.TENANT

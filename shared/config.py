@@ -6,6 +6,8 @@ fails fast with pydantic's message naming it. Nothing here connects to anything.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -86,6 +88,10 @@ class AuditSettings(DatabaseSettings):
     consumer_name: str = "audit"
     #: Events fetched and written per batch.
     ingest_batch_size: int = 256
+    #: Where a durable consumer created for the first time starts: "all" (the whole stream,
+    #: for production) or "new" (events published from then on; for test stacks that share a
+    #: NATS with others). An existing durable always resumes where it stopped.
+    consumer_deliver_from: Literal["all", "new"] = "all"
     #: host:port of the tenant service: its DirectoryService locates each tenant's shard, and
     #: its DataAdminService restores and erases the tenant service's own records. Empty turns
     #: restore, retention, erasure and report counts into UNAVAILABLE.

@@ -5,10 +5,13 @@ isort:skip_file
 
 from collections import abc as _abc
 from crm.v1 import common_pb2 as _common_pb2
+from crm.v1 import data_admin_pb2 as _data_admin_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +22,74 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _LegalBasis:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LegalBasisEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LegalBasis.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEGAL_BASIS_UNSPECIFIED: _LegalBasis.ValueType  # 0
+    """Not set; refused."""
+    LEGAL_BASIS_CONSENT: _LegalBasis.ValueType  # 1
+    """The data subject consented."""
+    LEGAL_BASIS_CONTRACT: _LegalBasis.ValueType  # 2
+    """Needed for a contract."""
+    LEGAL_BASIS_LEGAL_OBLIGATION: _LegalBasis.ValueType  # 3
+    """Needed for a legal obligation."""
+    LEGAL_BASIS_VITAL_INTERESTS: _LegalBasis.ValueType  # 4
+    """Protects someone's vital interests."""
+    LEGAL_BASIS_PUBLIC_TASK: _LegalBasis.ValueType  # 5
+    """A task in the public interest."""
+    LEGAL_BASIS_LEGITIMATE_INTERESTS: _LegalBasis.ValueType  # 6
+    """The controller's legitimate interests."""
+
+class LegalBasis(_LegalBasis, metaclass=_LegalBasisEnumTypeWrapper):
+    """The lawful basis of a processing activity (GDPR article 6)."""
+
+LEGAL_BASIS_UNSPECIFIED: LegalBasis.ValueType  # 0
+"""Not set; refused."""
+LEGAL_BASIS_CONSENT: LegalBasis.ValueType  # 1
+"""The data subject consented."""
+LEGAL_BASIS_CONTRACT: LegalBasis.ValueType  # 2
+"""Needed for a contract."""
+LEGAL_BASIS_LEGAL_OBLIGATION: LegalBasis.ValueType  # 3
+"""Needed for a legal obligation."""
+LEGAL_BASIS_VITAL_INTERESTS: LegalBasis.ValueType  # 4
+"""Protects someone's vital interests."""
+LEGAL_BASIS_PUBLIC_TASK: LegalBasis.ValueType  # 5
+"""A task in the public interest."""
+LEGAL_BASIS_LEGITIMATE_INTERESTS: LegalBasis.ValueType  # 6
+"""The controller's legitimate interests."""
+Global___LegalBasis: _TypeAlias = LegalBasis  # noqa: Y015
+
+class _DeletionMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeletionMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeletionMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELETION_METHOD_UNSPECIFIED: _DeletionMethod.ValueType  # 0
+    """Not set; refused."""
+    DELETION_METHOD_SOFT_DELETE: _DeletionMethod.ValueType  # 1
+    """The owner marks the records deleted."""
+    DELETION_METHOD_HARD_DELETE: _DeletionMethod.ValueType  # 2
+    """The owner removes the rows."""
+    DELETION_METHOD_ANONYMIZE: _DeletionMethod.ValueType  # 3
+    """The owner replaces their personal data."""
+
+class DeletionMethod(_DeletionMethod, metaclass=_DeletionMethodEnumTypeWrapper):
+    """How a retention policy removes expired records."""
+
+DELETION_METHOD_UNSPECIFIED: DeletionMethod.ValueType  # 0
+"""Not set; refused."""
+DELETION_METHOD_SOFT_DELETE: DeletionMethod.ValueType  # 1
+"""The owner marks the records deleted."""
+DELETION_METHOD_HARD_DELETE: DeletionMethod.ValueType  # 2
+"""The owner removes the rows."""
+DELETION_METHOD_ANONYMIZE: DeletionMethod.ValueType  # 3
+"""The owner replaces their personal data."""
+Global___DeletionMethod: _TypeAlias = DeletionMethod  # noqa: Y015
 
 @_typing.final
 class AuditLog(_message.Message):
@@ -118,6 +189,7 @@ class ListAuditLogsRequest(_message.Message):
     OPERATION_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many entries (default 50, max 1000)."""
     page_token: _builtins.str
@@ -130,6 +202,8 @@ class ListAuditLogsRequest(_message.Message):
     """Only entries by this user (UUID), when set."""
     operation: _common_pb2.Operation.ValueType
     """Only entries with this operation, when set."""
+    include_archive: _builtins.bool
+    """Also search archived partitions."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only entries at or after this time, when set."""
@@ -149,10 +223,11 @@ class ListAuditLogsRequest(_message.Message):
         operation: _common_pb2.Operation.ValueType = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        include_archive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "operation", b"operation", "page_size", b"page_size", "page_token", b"page_token", "record_id", b"record_id", "start_time", b"start_time", "table_name", b"table_name", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "include_archive", b"include_archive", "operation", b"operation", "page_size", b"page_size", "page_token", b"page_token", "record_id", b"record_id", "start_time", b"start_time", "table_name", b"table_name", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -185,3 +260,1925 @@ class ListAuditLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditLogsResponse: _TypeAlias = ListAuditLogsResponse  # noqa: Y015
+
+@_typing.final
+class FieldChange(_message.Message):
+    """One field whose value changed in an UPDATE or RESTORE."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_NAME_FIELD_NUMBER: _builtins.int
+    OLD_VALUE_FIELD_NUMBER: _builtins.int
+    NEW_VALUE_FIELD_NUMBER: _builtins.int
+    FIELD_TYPE_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
+    field_name: _builtins.str
+    """The field; a custom field is "custom_fields.<api_name>" (or "record_data.<api_name>")."""
+    old_value: _builtins.str
+    """The value before, as text (JSON for non-strings); "***" when sensitive; empty for null."""
+    new_value: _builtins.str
+    """The value after, as text (JSON for non-strings); "***" when sensitive; empty for null."""
+    field_type: _builtins.str
+    """The JSON type of the new value (or of the old one when the new is null): string, number,
+    boolean, object, array or null.
+    """
+    sensitive: _builtins.bool
+    """Whether the values were masked."""
+    def __init__(
+        self,
+        *,
+        field_name: _builtins.str = ...,
+        old_value: _builtins.str = ...,
+        new_value: _builtins.str = ...,
+        field_type: _builtins.str = ...,
+        sensitive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field_name", b"field_name", "field_type", b"field_type", "new_value", b"new_value", "old_value", b"old_value", "sensitive", b"sensitive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldChange: _TypeAlias = FieldChange  # noqa: Y015
+
+@_typing.final
+class RecordHistoryEntry(_message.Message):
+    """One entry of a record's audit trail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_LOG_FIELD_NUMBER: _builtins.int
+    FIELD_CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def audit_log(self) -> Global___AuditLog:
+        """The audit entry."""
+
+    @_builtins.property
+    def field_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldChange]:
+        """The fields that changed, with their values before and after."""
+
+    def __init__(
+        self,
+        *,
+        audit_log: Global___AuditLog | None = ...,
+        field_changes: _abc.Iterable[Global___FieldChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_log", b"audit_log"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_log", b"audit_log", "field_changes", b"field_changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordHistoryEntry: _TypeAlias = RecordHistoryEntry  # noqa: Y015
+
+@_typing.final
+class GetRecordHistoryRequest(_message.Message):
+    """Request for AuditService.GetRecordHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVE_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The record's table, e.g. "contacts". Required."""
+    record_id: _builtins.str
+    """The record (UUID). Required."""
+    page_size: _builtins.int
+    """At most this many entries (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call for the same record."""
+    include_archive: _builtins.bool
+    """Also search archived partitions."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_archive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_archive", b"include_archive", "page_size", b"page_size", "page_token", b"page_token", "record_id", b"record_id", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordHistoryRequest: _TypeAlias = GetRecordHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetRecordHistoryResponse(_message.Message):
+    """Response for AuditService.GetRecordHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordHistoryEntry]:
+        """The entries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___RecordHistoryEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordHistoryResponse: _TypeAlias = GetRecordHistoryResponse  # noqa: Y015
+
+@_typing.final
+class RecordVersion(_message.Message):
+    """A record's full state at one version (sensitive values masked)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    VERSION_NUMBER_FIELD_NUMBER: _builtins.int
+    RECORD_DATA_JSON_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    IS_CURRENT_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The version entry id (UUID)."""
+    table_name: _builtins.str
+    """The record's table."""
+    record_id: _builtins.str
+    """The record (UUID)."""
+    version_number: _builtins.int
+    """The version number (the owning service's record version, dense per record)."""
+    record_data_json: _builtins.str
+    """The record's state at this version as a JSON object; for a DELETE, the state it had."""
+    operation: _common_pb2.Operation.ValueType
+    """The operation that produced this version."""
+    created_by: _builtins.str
+    """The user who made the change (UUID), empty for system changes."""
+    is_current: _builtins.bool
+    """Whether this is the record's latest version."""
+    service: _builtins.str
+    """The service that owns the record."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        version_number: _builtins.int = ...,
+        record_data_json: _builtins.str = ...,
+        operation: _common_pb2.Operation.ValueType = ...,
+        created_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        is_current: _builtins.bool = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "id", b"id", "is_current", b"is_current", "operation", b"operation", "record_data_json", b"record_data_json", "record_id", b"record_id", "service", b"service", "table_name", b"table_name", "version_number", b"version_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordVersion: _TypeAlias = RecordVersion  # noqa: Y015
+
+@_typing.final
+class ListRecordVersionsRequest(_message.Message):
+    """Request for AuditService.ListRecordVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The record's table. Required."""
+    record_id: _builtins.str
+    """The record (UUID). Required."""
+    page_size: _builtins.int
+    """At most this many versions (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call for the same record."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "record_id", b"record_id", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordVersionsRequest: _TypeAlias = ListRecordVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListRecordVersionsResponse(_message.Message):
+    """Response for AuditService.ListRecordVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def record_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordVersion]:
+        """The versions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        record_versions: _abc.Iterable[Global___RecordVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "record_versions", b"record_versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRecordVersionsResponse: _TypeAlias = ListRecordVersionsResponse  # noqa: Y015
+
+@_typing.final
+class GetRecordVersionRequest(_message.Message):
+    """Request for AuditService.GetRecordVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    VERSION_NUMBER_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The record's table. Required."""
+    record_id: _builtins.str
+    """The record (UUID). Required."""
+    version_number: _builtins.int
+    """The version number (at least 1). Required."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        version_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_id", b"record_id", "table_name", b"table_name", "version_number", b"version_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordVersionRequest: _TypeAlias = GetRecordVersionRequest  # noqa: Y015
+
+@_typing.final
+class RestoreRecordVersionRequest(_message.Message):
+    """Request for AuditService.RestoreRecordVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    VERSION_NUMBER_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The record's table. Required."""
+    record_id: _builtins.str
+    """The record (UUID). Required."""
+    version_number: _builtins.int
+    """The version to restore (at least 1). Required."""
+    force: _builtins.bool
+    """Restore even when the record changed since its latest stored version."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        version_number: _builtins.int = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "record_id", b"record_id", "table_name", b"table_name", "version_number", b"version_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreRecordVersionRequest: _TypeAlias = RestoreRecordVersionRequest  # noqa: Y015
+
+@_typing.final
+class RestoreRecordVersionResponse(_message.Message):
+    """Response for AuditService.RestoreRecordVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    RESTORED_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_VERSION_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The record's table."""
+    record_id: _builtins.str
+    """The record (UUID)."""
+    restored_version: _builtins.int
+    """The version whose state was written back."""
+    new_version: _builtins.int
+    """The record's version after the restore (its RESTORE entry arrives with this version)."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        restored_version: _builtins.int = ...,
+        new_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_version", b"new_version", "record_id", b"record_id", "restored_version", b"restored_version", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreRecordVersionResponse: _TypeAlias = RestoreRecordVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetUserActivitySummaryRequest(_message.Message):
+    """Request for AuditService.GetUserActivitySummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user (UUID). Required."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only changes at or after this time; default 30 days before end_time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only changes before this time; default now."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserActivitySummaryRequest: _TypeAlias = GetUserActivitySummaryRequest  # noqa: Y015
+
+@_typing.final
+class UserActivity(_message.Message):
+    """What a user did to one table with one operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The table."""
+    operation: _common_pb2.Operation.ValueType
+    """The operation."""
+    count: _builtins.int
+    """How many changes."""
+    @_builtins.property
+    def last_activity_time(self) -> _timestamp_pb2.Timestamp:
+        """The latest of them."""
+
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        operation: _common_pb2.Operation.ValueType = ...,
+        count: _builtins.int = ...,
+        last_activity_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_activity_time", b"last_activity_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_activity_time", b"last_activity_time", "operation", b"operation", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserActivity: _TypeAlias = UserActivity  # noqa: Y015
+
+@_typing.final
+class GetUserActivitySummaryResponse(_message.Message):
+    """Response for AuditService.GetUserActivitySummary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserActivity]:
+        """One row per table and operation, most recent activity first."""
+
+    def __init__(
+        self,
+        *,
+        activities: _abc.Iterable[Global___UserActivity] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserActivitySummaryResponse: _TypeAlias = GetUserActivitySummaryResponse  # noqa: Y015
+
+@_typing.final
+class AuthAuditLog(_message.Message):
+    """One sign-in related event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MFA_USED_FIELD_NUMBER: _builtins.int
+    LOCATION_COUNTRY_FIELD_NUMBER: _builtins.int
+    LOCATION_CITY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The entry id (UUID)."""
+    user_id: _builtins.str
+    """The user (UUID), empty when the e-mail did not resolve."""
+    email: _builtins.str
+    """The e-mail address tried."""
+    event_type: _builtins.str
+    """The seed's event type: login_attempt, login_success, login_failure, logout,
+    password_change, password_reset, mfa_setup, mfa_verification, account_locked,
+    account_unlocked or session_expired.
+    """
+    success: _builtins.bool
+    """Whether it succeeded."""
+    failure_reason: _builtins.str
+    """Why it failed."""
+    ip_address: _builtins.str
+    """The client's IP address."""
+    user_agent: _builtins.str
+    """The client's user agent."""
+    session_id: _builtins.str
+    """The session id, if any."""
+    mfa_used: _builtins.bool
+    """Whether multi-factor authentication was used."""
+    location_country: _builtins.str
+    """ISO 3166 country code when known."""
+    location_city: _builtins.str
+    """City when known."""
+    event_id: _builtins.str
+    """The id of the event it was written from (UUID)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        success: _builtins.bool = ...,
+        failure_reason: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        mfa_used: _builtins.bool = ...,
+        location_country: _builtins.str = ...,
+        location_city: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "event_id", b"event_id", "event_type", b"event_type", "failure_reason", b"failure_reason", "id", b"id", "ip_address", b"ip_address", "location_city", b"location_city", "location_country", b"location_country", "mfa_used", b"mfa_used", "session_id", b"session_id", "success", b"success", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthAuditLog: _TypeAlias = AuthAuditLog  # noqa: Y015
+
+@_typing.final
+class ListAuthEventsRequest(_message.Message):
+    """Request for AuditService.ListAuthEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FAILURES_ONLY_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many entries (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same filter."""
+    failures_only: _builtins.bool
+    """Only failed attempts."""
+    user_id: _builtins.str
+    """Only events of this user (UUID), when set."""
+    event_type: _builtins.str
+    """Only events of this type, when set (one of the types listed on AuthAuditLog)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only events at or after this time, when set."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only events before this time, when set."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        failures_only: _builtins.bool = ...,
+        user_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_type", b"event_type", "failures_only", b"failures_only", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuthEventsRequest: _TypeAlias = ListAuthEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuthEventsResponse(_message.Message):
+    """Response for AuditService.ListAuthEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def auth_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthAuditLog]:
+        """The events, newest first."""
+
+    def __init__(
+        self,
+        *,
+        auth_events: _abc.Iterable[Global___AuthAuditLog] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_events", b"auth_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuthEventsResponse: _TypeAlias = ListAuthEventsResponse  # noqa: Y015
+
+@_typing.final
+class ApiAuditLog(_message.Message):
+    """One call through the gateway."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    HTTP_METHOD_FIELD_NUMBER: _builtins.int
+    RESPONSE_STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    REQUEST_SIZE_FIELD_NUMBER: _builtins.int
+    RESPONSE_SIZE_FIELD_NUMBER: _builtins.int
+    RESPONSE_TIME_MS_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The entry id (UUID)."""
+    user_id: _builtins.str
+    """The caller (UUID), if any."""
+    api_key_id: _builtins.str
+    """The API key used (UUID), if any."""
+    endpoint: _builtins.str
+    """The fully qualified gRPC method."""
+    http_method: _builtins.str
+    """Always "POST" (gRPC over HTTP/2)."""
+    response_status: _builtins.int
+    """The HTTP status equivalent of the gRPC status (200, 400, 404, 500...)."""
+    status_code: _builtins.str
+    """The gRPC status code name, e.g. "OK" or "NOT_FOUND"."""
+    request_size: _builtins.int
+    """The request size in bytes."""
+    response_size: _builtins.int
+    """The response size in bytes."""
+    response_time_ms: _builtins.int
+    """The call's duration in milliseconds."""
+    ip_address: _builtins.str
+    """The client's IP address."""
+    user_agent: _builtins.str
+    """The client's user agent."""
+    request_id: _builtins.str
+    """The request id."""
+    error_message: _builtins.str
+    """The error message returned, if any."""
+    event_id: _builtins.str
+    """The id of the event it was written from (UUID)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the call started."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        http_method: _builtins.str = ...,
+        response_status: _builtins.int = ...,
+        status_code: _builtins.str = ...,
+        request_size: _builtins.int = ...,
+        response_size: _builtins.int = ...,
+        response_time_ms: _builtins.int = ...,
+        ip_address: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "create_time", b"create_time", "endpoint", b"endpoint", "error_message", b"error_message", "event_id", b"event_id", "http_method", b"http_method", "id", b"id", "ip_address", b"ip_address", "request_id", b"request_id", "request_size", b"request_size", "response_size", b"response_size", "response_status", b"response_status", "response_time_ms", b"response_time_ms", "status_code", b"status_code", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiAuditLog: _TypeAlias = ApiAuditLog  # noqa: Y015
+
+@_typing.final
+class ListApiCallsRequest(_message.Message):
+    """Request for AuditService.ListApiCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ERRORS_ONLY_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many entries (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same filter."""
+    errors_only: _builtins.bool
+    """Only calls that failed (response_status 400 or above)."""
+    endpoint: _builtins.str
+    """Only calls to this fully qualified method, when set."""
+    user_id: _builtins.str
+    """Only calls by this user (UUID), when set."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only calls at or after this time, when set."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only calls before this time, when set."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        errors_only: _builtins.bool = ...,
+        endpoint: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "endpoint", b"endpoint", "errors_only", b"errors_only", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiCallsRequest: _TypeAlias = ListApiCallsRequest  # noqa: Y015
+
+@_typing.final
+class ListApiCallsResponse(_message.Message):
+    """Response for AuditService.ListApiCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_CALLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def api_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiAuditLog]:
+        """The calls, newest first."""
+
+    def __init__(
+        self,
+        *,
+        api_calls: _abc.Iterable[Global___ApiAuditLog] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_calls", b"api_calls", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiCallsResponse: _TypeAlias = ListApiCallsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyAuditChainRequest(_message.Message):
+    """Request for AuditService.VerifyAuditChain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_ARCHIVE_FIELD_NUMBER: _builtins.int
+    include_archive: _builtins.bool
+    """Also verify archived entries (otherwise the check starts at the oldest live entry and
+    trusts its link to the archive).
+    """
+    def __init__(
+        self,
+        *,
+        include_archive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_archive", b"include_archive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditChainRequest: _TypeAlias = VerifyAuditChainRequest  # noqa: Y015
+
+@_typing.final
+class VerifyAuditChainResponse(_message.Message):
+    """Response for AuditService.VerifyAuditChain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_FIELD_NUMBER: _builtins.int
+    ENTRIES_CHECKED_FIELD_NUMBER: _builtins.int
+    FIRST_BROKEN_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FIRST_BROKEN_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    ERASED_ENTRIES_FIELD_NUMBER: _builtins.int
+    valid: _builtins.bool
+    """Whether every entry checked matches its hash and links to the one before."""
+    entries_checked: _builtins.int
+    """How many entries were checked."""
+    first_broken_sequence: _builtins.int
+    """The chain position (1-based) of the first entry that breaks the chain; 0 when valid."""
+    first_broken_entry_id: _builtins.str
+    """The id (UUID) of that entry; empty when valid."""
+    reason: _builtins.str
+    """What is wrong with it: "content does not match its hash", "does not link to the previous
+    entry", "sequence gap".
+    """
+    head_sequence: _builtins.int
+    """The position of the last entry (the chain head)."""
+    head_hash: _builtins.str
+    """The hash of the chain head (hex SHA-256), to keep as a checkpoint outside the database."""
+    erased_entries: _builtins.int
+    """Entries whose values were erased for a data subject; their content is verified through
+    the digests kept at erasure.
+    """
+    def __init__(
+        self,
+        *,
+        valid: _builtins.bool = ...,
+        entries_checked: _builtins.int = ...,
+        first_broken_sequence: _builtins.int = ...,
+        first_broken_entry_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        head_sequence: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        erased_entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries_checked", b"entries_checked", "erased_entries", b"erased_entries", "first_broken_entry_id", b"first_broken_entry_id", "first_broken_sequence", b"first_broken_sequence", "head_hash", b"head_hash", "head_sequence", b"head_sequence", "reason", b"reason", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditChainResponse: _TypeAlias = VerifyAuditChainResponse  # noqa: Y015
+
+@_typing.final
+class SensitiveField(_message.Message):
+    """A field the tenant marked sensitive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    FIELD_NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The table, or "*" for every table."""
+    field_name: _builtins.str
+    """The field name (a top-level column or a custom field's api name)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was marked."""
+
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        field_name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "field_name", b"field_name", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SensitiveField: _TypeAlias = SensitiveField  # noqa: Y015
+
+@_typing.final
+class CreateSensitiveFieldRequest(_message.Message):
+    """Request for AuditService.CreateSensitiveField."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENSITIVE_FIELD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sensitive_field(self) -> Global___SensitiveField:
+        """The field to mark. Required: table_name (or "*") and field_name."""
+
+    def __init__(
+        self,
+        *,
+        sensitive_field: Global___SensitiveField | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sensitive_field", b"sensitive_field"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sensitive_field", b"sensitive_field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSensitiveFieldRequest: _TypeAlias = CreateSensitiveFieldRequest  # noqa: Y015
+
+@_typing.final
+class ListSensitiveFieldsRequest(_message.Message):
+    """Request for AuditService.ListSensitiveFields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSensitiveFieldsRequest: _TypeAlias = ListSensitiveFieldsRequest  # noqa: Y015
+
+@_typing.final
+class ListSensitiveFieldsResponse(_message.Message):
+    """Response for AuditService.ListSensitiveFields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENSITIVE_FIELDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sensitive_fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___SensitiveField]:
+        """The tenant's sensitive fields."""
+
+    def __init__(
+        self,
+        *,
+        sensitive_fields: _abc.Iterable[Global___SensitiveField] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sensitive_fields", b"sensitive_fields"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSensitiveFieldsResponse: _TypeAlias = ListSensitiveFieldsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteSensitiveFieldRequest(_message.Message):
+    """Request for AuditService.DeleteSensitiveField."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    FIELD_NAME_FIELD_NUMBER: _builtins.int
+    table_name: _builtins.str
+    """The table, or "*"."""
+    field_name: _builtins.str
+    """The field name."""
+    def __init__(
+        self,
+        *,
+        table_name: _builtins.str = ...,
+        field_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field_name", b"field_name", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSensitiveFieldRequest: _TypeAlias = DeleteSensitiveFieldRequest  # noqa: Y015
+
+@_typing.final
+class DeleteSensitiveFieldResponse(_message.Message):
+    """Response for AuditService.DeleteSensitiveField."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteSensitiveFieldResponse: _TypeAlias = DeleteSensitiveFieldResponse  # noqa: Y015
+
+@_typing.final
+class ProcessingActivity(_message.Message):
+    """A processing activity of the tenant's register."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ACTIVITY_NAME_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    LEGAL_BASIS_FIELD_NUMBER: _builtins.int
+    DATA_CATEGORIES_FIELD_NUMBER: _builtins.int
+    DATA_SUBJECTS_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    RETENTION_PERIOD_FIELD_NUMBER: _builtins.int
+    CROSS_BORDER_TRANSFERS_FIELD_NUMBER: _builtins.int
+    SECURITY_MEASURES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id (UUID); output only."""
+    activity_name: _builtins.str
+    """The activity's name (1-255 characters). Required."""
+    purpose: _builtins.str
+    """Why the data is processed (1-500 characters). Required."""
+    legal_basis: Global___LegalBasis.ValueType
+    """The lawful basis. Required."""
+    cross_border_transfers: _builtins.bool
+    """Whether data leaves the EEA."""
+    @_builtins.property
+    def data_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categories of data processed; a category that names a table ("contacts", "leads",
+        "accounts", ...) is counted in the GDPR report.
+        """
+
+    @_builtins.property
+    def data_subjects(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categories of data subjects (customers, prospects...)."""
+
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who receives the data."""
+
+    @_builtins.property
+    def retention_period(self) -> _duration_pb2.Duration:
+        """How long the data is kept; unset for "not stated"."""
+
+    @_builtins.property
+    def security_measures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Security measures taken."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded; output only."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed; output only."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        activity_name: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        legal_basis: Global___LegalBasis.ValueType = ...,
+        data_categories: _abc.Iterable[_builtins.str] | None = ...,
+        data_subjects: _abc.Iterable[_builtins.str] | None = ...,
+        recipients: _abc.Iterable[_builtins.str] | None = ...,
+        retention_period: _duration_pb2.Duration | None = ...,
+        cross_border_transfers: _builtins.bool = ...,
+        security_measures: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "retention_period", b"retention_period", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_name", b"activity_name", "create_time", b"create_time", "cross_border_transfers", b"cross_border_transfers", "data_categories", b"data_categories", "data_subjects", b"data_subjects", "id", b"id", "legal_basis", b"legal_basis", "purpose", b"purpose", "recipients", b"recipients", "retention_period", b"retention_period", "security_measures", b"security_measures", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessingActivity: _TypeAlias = ProcessingActivity  # noqa: Y015
+
+@_typing.final
+class CreateProcessingActivityRequest(_message.Message):
+    """Request for AuditService.CreateProcessingActivity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSING_ACTIVITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def processing_activity(self) -> Global___ProcessingActivity:
+        """The activity to record."""
+
+    def __init__(
+        self,
+        *,
+        processing_activity: Global___ProcessingActivity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["processing_activity", b"processing_activity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processing_activity", b"processing_activity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateProcessingActivityRequest: _TypeAlias = CreateProcessingActivityRequest  # noqa: Y015
+
+@_typing.final
+class ListProcessingActivitiesRequest(_message.Message):
+    """Request for AuditService.ListProcessingActivities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many activities (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessingActivitiesRequest: _TypeAlias = ListProcessingActivitiesRequest  # noqa: Y015
+
+@_typing.final
+class ListProcessingActivitiesResponse(_message.Message):
+    """Response for AuditService.ListProcessingActivities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSING_ACTIVITIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def processing_activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessingActivity]:
+        """The activities by name."""
+
+    def __init__(
+        self,
+        *,
+        processing_activities: _abc.Iterable[Global___ProcessingActivity] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "processing_activities", b"processing_activities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessingActivitiesResponse: _TypeAlias = ListProcessingActivitiesResponse  # noqa: Y015
+
+@_typing.final
+class ConsentRecord(_message.Message):
+    """A consent given or refused by one contact or one lead (never both)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    LEAD_ID_FIELD_NUMBER: _builtins.int
+    CONSENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONSENT_GIVEN_FIELD_NUMBER: _builtins.int
+    CONSENT_TIME_FIELD_NUMBER: _builtins.int
+    CONSENT_METHOD_FIELD_NUMBER: _builtins.int
+    CONSENT_EVIDENCE_JSON_FIELD_NUMBER: _builtins.int
+    WITHDRAW_TIME_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_METHOD_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id (UUID); output only."""
+    contact_id: _builtins.str
+    """The contact (UUID); set exactly one of contact_id and lead_id."""
+    lead_id: _builtins.str
+    """The lead (UUID); set exactly one of contact_id and lead_id."""
+    consent_type: _builtins.str
+    """What was consented to, e.g. "marketing_email" (1-100 characters). Required."""
+    consent_given: _builtins.bool
+    """Whether consent was given (false: refused)."""
+    consent_method: _builtins.str
+    """How, e.g. "web_form" (up to 100 characters)."""
+    consent_evidence_json: _builtins.str
+    """Evidence as a JSON object (form id, text shown...); empty for none."""
+    withdrawal_method: _builtins.str
+    """How it was withdrawn; output only."""
+    ip_address: _builtins.str
+    """The subject's IP address when consenting."""
+    user_agent: _builtins.str
+    """The subject's user agent when consenting."""
+    @_builtins.property
+    def consent_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was given; default now."""
+
+    @_builtins.property
+    def withdraw_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was withdrawn; output only."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        lead_id: _builtins.str = ...,
+        consent_type: _builtins.str = ...,
+        consent_given: _builtins.bool = ...,
+        consent_time: _timestamp_pb2.Timestamp | None = ...,
+        consent_method: _builtins.str = ...,
+        consent_evidence_json: _builtins.str = ...,
+        withdraw_time: _timestamp_pb2.Timestamp | None = ...,
+        withdrawal_method: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consent_time", b"consent_time", "withdraw_time", b"withdraw_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_evidence_json", b"consent_evidence_json", "consent_given", b"consent_given", "consent_method", b"consent_method", "consent_time", b"consent_time", "consent_type", b"consent_type", "contact_id", b"contact_id", "id", b"id", "ip_address", b"ip_address", "lead_id", b"lead_id", "user_agent", b"user_agent", "withdraw_time", b"withdraw_time", "withdrawal_method", b"withdrawal_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentRecord: _TypeAlias = ConsentRecord  # noqa: Y015
+
+@_typing.final
+class RecordConsentRequest(_message.Message):
+    """Request for AuditService.RecordConsent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_RECORD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def consent_record(self) -> Global___ConsentRecord:
+        """The consent to record."""
+
+    def __init__(
+        self,
+        *,
+        consent_record: Global___ConsentRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consent_record", b"consent_record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_record", b"consent_record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordConsentRequest: _TypeAlias = RecordConsentRequest  # noqa: Y015
+
+@_typing.final
+class WithdrawConsentRequest(_message.Message):
+    """Request for AuditService.WithdrawConsent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_METHOD_FIELD_NUMBER: _builtins.int
+    WITHDRAW_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The consent (UUID). Required."""
+    withdrawal_method: _builtins.str
+    """How it was withdrawn, e.g. "unsubscribe_link" (up to 100 characters)."""
+    @_builtins.property
+    def withdraw_time(self) -> _timestamp_pb2.Timestamp:
+        """When; default now."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        withdrawal_method: _builtins.str = ...,
+        withdraw_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdraw_time", b"withdraw_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "withdraw_time", b"withdraw_time", "withdrawal_method", b"withdrawal_method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawConsentRequest: _TypeAlias = WithdrawConsentRequest  # noqa: Y015
+
+@_typing.final
+class ListConsentsRequest(_message.Message):
+    """Request for AuditService.ListConsents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    LEAD_ID_FIELD_NUMBER: _builtins.int
+    CONSENT_TYPE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many consents (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same filter."""
+    contact_id: _builtins.str
+    """Only this contact's consents (UUID), when set."""
+    lead_id: _builtins.str
+    """Only this lead's consents (UUID), when set."""
+    consent_type: _builtins.str
+    """Only consents of this type, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        lead_id: _builtins.str = ...,
+        consent_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_type", b"consent_type", "contact_id", b"contact_id", "lead_id", b"lead_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentsRequest: _TypeAlias = ListConsentsRequest  # noqa: Y015
+
+@_typing.final
+class ListConsentsResponse(_message.Message):
+    """Response for AuditService.ListConsents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def consent_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentRecord]:
+        """The consents, newest first."""
+
+    def __init__(
+        self,
+        *,
+        consent_records: _abc.Iterable[Global___ConsentRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_records", b"consent_records", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentsResponse: _TypeAlias = ListConsentsResponse  # noqa: Y015
+
+@_typing.final
+class RetentionPolicy(_message.Message):
+    """A retention policy: records of a table older than a period are removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RETENTION_PERIOD_FIELD_NUMBER: _builtins.int
+    DELETION_METHOD_FIELD_NUMBER: _builtins.int
+    CONDITIONS_JSON_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_RUN_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id (UUID); output only."""
+    policy_name: _builtins.str
+    """The policy's name, unique per table (1-255 characters). Required."""
+    table_name: _builtins.str
+    """The table, e.g. "leads" (1-100 characters). Required."""
+    deletion_method: Global___DeletionMethod.ValueType
+    """How they are removed. Required."""
+    conditions_json: _builtins.str
+    """Extra equality conditions as a JSON object of column -> value; empty for none."""
+    active: _builtins.bool
+    """Whether the scheduler runs it; default true on create."""
+    @_builtins.property
+    def retention_period(self) -> _duration_pb2.Duration:
+        """How long records are kept (at least one day). Required."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created; output only."""
+
+    @_builtins.property
+    def last_run_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last ran; output only."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        policy_name: _builtins.str = ...,
+        table_name: _builtins.str = ...,
+        retention_period: _duration_pb2.Duration | None = ...,
+        deletion_method: Global___DeletionMethod.ValueType = ...,
+        conditions_json: _builtins.str = ...,
+        active: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_run_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_run_time", b"last_run_time", "retention_period", b"retention_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "conditions_json", b"conditions_json", "create_time", b"create_time", "deletion_method", b"deletion_method", "id", b"id", "last_run_time", b"last_run_time", "policy_name", b"policy_name", "retention_period", b"retention_period", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionPolicy: _TypeAlias = RetentionPolicy  # noqa: Y015
+
+@_typing.final
+class CreateRetentionPolicyRequest(_message.Message):
+    """Request for AuditService.CreateRetentionPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def retention_policy(self) -> Global___RetentionPolicy:
+        """The policy to create."""
+
+    def __init__(
+        self,
+        *,
+        retention_policy: Global___RetentionPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention_policy", b"retention_policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["retention_policy", b"retention_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRetentionPolicyRequest: _TypeAlias = CreateRetentionPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ListRetentionPoliciesRequest(_message.Message):
+    """Request for AuditService.ListRetentionPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many policies (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetentionPoliciesRequest: _TypeAlias = ListRetentionPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListRetentionPoliciesResponse(_message.Message):
+    """Response for AuditService.ListRetentionPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETENTION_POLICIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def retention_policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetentionPolicy]:
+        """The policies by table and name."""
+
+    def __init__(
+        self,
+        *,
+        retention_policies: _abc.Iterable[Global___RetentionPolicy] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "retention_policies", b"retention_policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetentionPoliciesResponse: _TypeAlias = ListRetentionPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class RunRetentionRequest(_message.Message):
+    """Request for AuditService.RunRetention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    policy_id: _builtins.str
+    """Run only this policy (UUID), even when inactive; empty runs every active policy."""
+    def __init__(
+        self,
+        *,
+        policy_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_id", b"policy_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunRetentionRequest: _TypeAlias = RunRetentionRequest  # noqa: Y015
+
+@_typing.final
+class RetentionRunResult(_message.Message):
+    """What one policy removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    DELETION_METHOD_FIELD_NUMBER: _builtins.int
+    AFFECTED_COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    policy_id: _builtins.str
+    """The policy (UUID)."""
+    table_name: _builtins.str
+    """The policy's table."""
+    deletion_method: Global___DeletionMethod.ValueType
+    """The policy's method."""
+    affected_count: _builtins.int
+    """How many records the owner removed or anonymized."""
+    error: _builtins.str
+    """Why it did not run (owner unreachable, unknown table...); empty on success."""
+    def __init__(
+        self,
+        *,
+        policy_id: _builtins.str = ...,
+        table_name: _builtins.str = ...,
+        deletion_method: Global___DeletionMethod.ValueType = ...,
+        affected_count: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affected_count", b"affected_count", "deletion_method", b"deletion_method", "error", b"error", "policy_id", b"policy_id", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionRunResult: _TypeAlias = RetentionRunResult  # noqa: Y015
+
+@_typing.final
+class RunRetentionResponse(_message.Message):
+    """Response for AuditService.RunRetention."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetentionRunResult]:
+        """One result per policy run."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RetentionRunResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunRetentionResponse: _TypeAlias = RunRetentionResponse  # noqa: Y015
+
+@_typing.final
+class EraseDataSubjectRequest(_message.Message):
+    """Request for AuditService.EraseDataSubject. At least one of email, contact_id and lead_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    LEAD_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The person's e-mail address."""
+    contact_id: _builtins.str
+    """A contact (UUID)."""
+    lead_id: _builtins.str
+    """A lead (UUID)."""
+    reason: _builtins.str
+    """Why (free text, up to 255 characters, no personal data), for the deletion log."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        lead_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "email", b"email", "lead_id", b"lead_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseDataSubjectRequest: _TypeAlias = EraseDataSubjectRequest  # noqa: Y015
+
+@_typing.final
+class EraseDataSubjectResponse(_message.Message):
+    """Response for AuditService.EraseDataSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETION_LOG_ID_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    AUDIT_ENTRIES_ANONYMIZED_FIELD_NUMBER: _builtins.int
+    CONSENTS_REMOVED_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_SERVICES_FIELD_NUMBER: _builtins.int
+    deletion_log_id: _builtins.str
+    """The deletion-log entry written (UUID)."""
+    audit_entries_anonymized: _builtins.int
+    """Audit entries and versions whose values were anonymized."""
+    consents_removed: _builtins.int
+    """Consent records removed."""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[_data_admin_pb2.TableCount]:
+        """Records erased or anonymized per table, across services."""
+
+    @_builtins.property
+    def incomplete_services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services that could not be reached or do not support erasure yet; run it again later."""
+
+    def __init__(
+        self,
+        *,
+        deletion_log_id: _builtins.str = ...,
+        counts: _abc.Iterable[_data_admin_pb2.TableCount] | None = ...,
+        audit_entries_anonymized: _builtins.int = ...,
+        consents_removed: _builtins.int = ...,
+        incomplete_services: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_entries_anonymized", b"audit_entries_anonymized", "consents_removed", b"consents_removed", "counts", b"counts", "deletion_log_id", b"deletion_log_id", "incomplete_services", b"incomplete_services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseDataSubjectResponse: _TypeAlias = EraseDataSubjectResponse  # noqa: Y015
+
+@_typing.final
+class DeletionLog(_message.Message):
+    """One entry of the deletion log. It says what was removed without repeating it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    DELETION_REASON_FIELD_NUMBER: _builtins.int
+    DELETION_METHOD_FIELD_NUMBER: _builtins.int
+    DELETED_BY_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    SUMMARY_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id (UUID)."""
+    table_name: _builtins.str
+    """The table, or "*" for an erasure across tables."""
+    record_id: _builtins.str
+    """The record (UUID) when one record was removed; empty for bulk removals."""
+    deletion_reason: _builtins.str
+    """Why."""
+    deletion_method: _builtins.str
+    """retention_policy, user_request, gdpr_erasure or manual."""
+    deleted_by: _builtins.str
+    """Who asked (UUID), empty for the scheduler."""
+    record_count: _builtins.int
+    """How many records."""
+    summary_json: _builtins.str
+    """Counts per table, as a JSON object; never personal data."""
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        table_name: _builtins.str = ...,
+        record_id: _builtins.str = ...,
+        deletion_reason: _builtins.str = ...,
+        deletion_method: _builtins.str = ...,
+        deleted_by: _builtins.str = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+        record_count: _builtins.int = ...,
+        summary_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_time", b"delete_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_time", b"delete_time", "deleted_by", b"deleted_by", "deletion_method", b"deletion_method", "deletion_reason", b"deletion_reason", "id", b"id", "record_count", b"record_count", "record_id", b"record_id", "summary_json", b"summary_json", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletionLog: _TypeAlias = DeletionLog  # noqa: Y015
+
+@_typing.final
+class ListDeletionLogsRequest(_message.Message):
+    """Request for AuditService.ListDeletionLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TABLE_NAME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many entries (default 50, max 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same filter."""
+    table_name: _builtins.str
+    """Only entries of this table, when set."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        table_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "table_name", b"table_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeletionLogsRequest: _TypeAlias = ListDeletionLogsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeletionLogsResponse(_message.Message):
+    """Response for AuditService.ListDeletionLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETION_LOGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page; empty on the last page."""
+    @_builtins.property
+    def deletion_logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeletionLog]:
+        """The entries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        deletion_logs: _abc.Iterable[Global___DeletionLog] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletion_logs", b"deletion_logs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeletionLogsResponse: _TypeAlias = ListDeletionLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetGdprReportRequest(_message.Message):
+    """Request for AuditService.GetGdprReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGdprReportRequest: _TypeAlias = GetGdprReportRequest  # noqa: Y015
+
+@_typing.final
+class GdprReportActivity(_message.Message):
+    """One processing activity with the records it covers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSING_ACTIVITY_FIELD_NUMBER: _builtins.int
+    TABLE_COUNTS_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    record_count: _builtins.int
+    """The sum of table_counts."""
+    @_builtins.property
+    def processing_activity(self) -> Global___ProcessingActivity:
+        """The activity."""
+
+    @_builtins.property
+    def table_counts(self) -> _containers.RepeatedCompositeFieldContainer[_data_admin_pb2.TableCount]:
+        """Records per data category that names a table, counted by the owning service."""
+
+    def __init__(
+        self,
+        *,
+        processing_activity: Global___ProcessingActivity | None = ...,
+        table_counts: _abc.Iterable[_data_admin_pb2.TableCount] | None = ...,
+        record_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["processing_activity", b"processing_activity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processing_activity", b"processing_activity", "record_count", b"record_count", "table_counts", b"table_counts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GdprReportActivity: _TypeAlias = GdprReportActivity  # noqa: Y015
+
+@_typing.final
+class GdprReport(_message.Message):
+    """The tenant's GDPR report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITIES_FIELD_NUMBER: _builtins.int
+    ACTIVE_CONSENTS_FIELD_NUMBER: _builtins.int
+    WITHDRAWN_CONSENTS_FIELD_NUMBER: _builtins.int
+    DELETION_LOG_ENTRIES_FIELD_NUMBER: _builtins.int
+    UNCOUNTED_TABLES_FIELD_NUMBER: _builtins.int
+    active_consents: _builtins.int
+    """Consents given and not withdrawn."""
+    withdrawn_consents: _builtins.int
+    """Consents withdrawn."""
+    deletion_log_entries: _builtins.int
+    """Entries in the deletion log."""
+    @_builtins.property
+    def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___GdprReportActivity]:
+        """Every processing activity by name."""
+
+    @_builtins.property
+    def uncounted_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tables whose owner could not be asked for a count."""
+
+    def __init__(
+        self,
+        *,
+        activities: _abc.Iterable[Global___GdprReportActivity] | None = ...,
+        active_consents: _builtins.int = ...,
+        withdrawn_consents: _builtins.int = ...,
+        deletion_log_entries: _builtins.int = ...,
+        uncounted_tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_consents", b"active_consents", "activities", b"activities", "deletion_log_entries", b"deletion_log_entries", "uncounted_tables", b"uncounted_tables", "withdrawn_consents", b"withdrawn_consents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GdprReport: _TypeAlias = GdprReport  # noqa: Y015
+
+@_typing.final
+class ArchiveAuditLogsRequest(_message.Message):
+    """Request for AuditService.ArchiveAuditLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEFORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def before(self) -> _timestamp_pb2.Timestamp:
+        """Archive the monthly partitions that end at or before this time; default one year ago."""
+
+    def __init__(
+        self,
+        *,
+        before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before", b"before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchiveAuditLogsRequest: _TypeAlias = ArchiveAuditLogsRequest  # noqa: Y015
+
+@_typing.final
+class ArchivedPartition(_message.Message):
+    """One partition moved into the archive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The partition's table name, e.g. "audit_logs_2025_01"."""
+    row_count: _builtins.int
+    """Rows in it, counted before and after the move."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchivedPartition: _TypeAlias = ArchivedPartition  # noqa: Y015
+
+@_typing.final
+class ArchiveAuditLogsResponse(_message.Message):
+    """Response for AuditService.ArchiveAuditLogs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    ARCHIVED_COUNT_FIELD_NUMBER: _builtins.int
+    archived_count: _builtins.int
+    """The total rows archived."""
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArchivedPartition]:
+        """The partitions archived."""
+
+    def __init__(
+        self,
+        *,
+        partitions: _abc.Iterable[Global___ArchivedPartition] | None = ...,
+        archived_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_count", b"archived_count", "partitions", b"partitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchiveAuditLogsResponse: _TypeAlias = ArchiveAuditLogsResponse  # noqa: Y015

@@ -40,6 +40,121 @@ class AuditServiceStub:
                 request_serializer=crm_dot_v1_dot_audit__pb2.ListAuditLogsRequest.SerializeToString,
                 response_deserializer=crm_dot_v1_dot_audit__pb2.ListAuditLogsResponse.FromString,
                 _registered_method=True)
+        self.GetRecordHistory = channel.unary_unary(
+                '/crm.v1.AuditService/GetRecordHistory',
+                request_serializer=crm_dot_v1_dot_audit__pb2.GetRecordHistoryRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.GetRecordHistoryResponse.FromString,
+                _registered_method=True)
+        self.ListRecordVersions = channel.unary_unary(
+                '/crm.v1.AuditService/ListRecordVersions',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListRecordVersionsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListRecordVersionsResponse.FromString,
+                _registered_method=True)
+        self.GetRecordVersion = channel.unary_unary(
+                '/crm.v1.AuditService/GetRecordVersion',
+                request_serializer=crm_dot_v1_dot_audit__pb2.GetRecordVersionRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.RecordVersion.FromString,
+                _registered_method=True)
+        self.RestoreRecordVersion = channel.unary_unary(
+                '/crm.v1.AuditService/RestoreRecordVersion',
+                request_serializer=crm_dot_v1_dot_audit__pb2.RestoreRecordVersionRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.RestoreRecordVersionResponse.FromString,
+                _registered_method=True)
+        self.GetUserActivitySummary = channel.unary_unary(
+                '/crm.v1.AuditService/GetUserActivitySummary',
+                request_serializer=crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryResponse.FromString,
+                _registered_method=True)
+        self.ListAuthEvents = channel.unary_unary(
+                '/crm.v1.AuditService/ListAuthEvents',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListAuthEventsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListAuthEventsResponse.FromString,
+                _registered_method=True)
+        self.ListApiCalls = channel.unary_unary(
+                '/crm.v1.AuditService/ListApiCalls',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListApiCallsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListApiCallsResponse.FromString,
+                _registered_method=True)
+        self.VerifyAuditChain = channel.unary_unary(
+                '/crm.v1.AuditService/VerifyAuditChain',
+                request_serializer=crm_dot_v1_dot_audit__pb2.VerifyAuditChainRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.VerifyAuditChainResponse.FromString,
+                _registered_method=True)
+        self.CreateSensitiveField = channel.unary_unary(
+                '/crm.v1.AuditService/CreateSensitiveField',
+                request_serializer=crm_dot_v1_dot_audit__pb2.CreateSensitiveFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.SensitiveField.FromString,
+                _registered_method=True)
+        self.ListSensitiveFields = channel.unary_unary(
+                '/crm.v1.AuditService/ListSensitiveFields',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSensitiveField = channel.unary_unary(
+                '/crm.v1.AuditService/DeleteSensitiveField',
+                request_serializer=crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldResponse.FromString,
+                _registered_method=True)
+        self.CreateProcessingActivity = channel.unary_unary(
+                '/crm.v1.AuditService/CreateProcessingActivity',
+                request_serializer=crm_dot_v1_dot_audit__pb2.CreateProcessingActivityRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ProcessingActivity.FromString,
+                _registered_method=True)
+        self.ListProcessingActivities = channel.unary_unary(
+                '/crm.v1.AuditService/ListProcessingActivities',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesResponse.FromString,
+                _registered_method=True)
+        self.RecordConsent = channel.unary_unary(
+                '/crm.v1.AuditService/RecordConsent',
+                request_serializer=crm_dot_v1_dot_audit__pb2.RecordConsentRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ConsentRecord.FromString,
+                _registered_method=True)
+        self.WithdrawConsent = channel.unary_unary(
+                '/crm.v1.AuditService/WithdrawConsent',
+                request_serializer=crm_dot_v1_dot_audit__pb2.WithdrawConsentRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ConsentRecord.FromString,
+                _registered_method=True)
+        self.ListConsents = channel.unary_unary(
+                '/crm.v1.AuditService/ListConsents',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListConsentsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListConsentsResponse.FromString,
+                _registered_method=True)
+        self.CreateRetentionPolicy = channel.unary_unary(
+                '/crm.v1.AuditService/CreateRetentionPolicy',
+                request_serializer=crm_dot_v1_dot_audit__pb2.CreateRetentionPolicyRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.RetentionPolicy.FromString,
+                _registered_method=True)
+        self.ListRetentionPolicies = channel.unary_unary(
+                '/crm.v1.AuditService/ListRetentionPolicies',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesResponse.FromString,
+                _registered_method=True)
+        self.RunRetention = channel.unary_unary(
+                '/crm.v1.AuditService/RunRetention',
+                request_serializer=crm_dot_v1_dot_audit__pb2.RunRetentionRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.RunRetentionResponse.FromString,
+                _registered_method=True)
+        self.EraseDataSubject = channel.unary_unary(
+                '/crm.v1.AuditService/EraseDataSubject',
+                request_serializer=crm_dot_v1_dot_audit__pb2.EraseDataSubjectRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.EraseDataSubjectResponse.FromString,
+                _registered_method=True)
+        self.ListDeletionLogs = channel.unary_unary(
+                '/crm.v1.AuditService/ListDeletionLogs',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ListDeletionLogsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ListDeletionLogsResponse.FromString,
+                _registered_method=True)
+        self.GetGdprReport = channel.unary_unary(
+                '/crm.v1.AuditService/GetGdprReport',
+                request_serializer=crm_dot_v1_dot_audit__pb2.GetGdprReportRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.GdprReport.FromString,
+                _registered_method=True)
+        self.ArchiveAuditLogs = channel.unary_unary(
+                '/crm.v1.AuditService/ArchiveAuditLogs',
+                request_serializer=crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -53,6 +168,169 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecordHistory(self, request, context):
+        """The audit trail of one record, oldest first, with field-level changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRecordVersions(self, request, context):
+        """Lists the stored versions of one record, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecordVersion(self, request, context):
+        """Returns one version of a record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreRecordVersion(self, request, context):
+        """Writes an earlier version back through the owning service, which logs it as RESTORE.
+        A record changed since its latest stored version gives ABORTED unless `force`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserActivitySummary(self, request, context):
+        """Per table and operation: how many changes a user made and when last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuthEvents(self, request, context):
+        """Lists sign-in related events, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiCalls(self, request, context):
+        """Lists calls made through the gateway, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAuditChain(self, request, context):
+        """Recomputes the tenant's hash chain and reports the first entry that breaks it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSensitiveField(self, request, context):
+        """Marks a field sensitive for the tenant: its values are masked in every later entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSensitiveFields(self, request, context):
+        """Lists the fields the tenant marked sensitive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSensitiveField(self, request, context):
+        """Removes a tenant-marked sensitive field (later entries are no longer masked for it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateProcessingActivity(self, request, context):
+        """Records a processing activity (GDPR article 30 register).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcessingActivities(self, request, context):
+        """Lists the tenant's processing activities by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordConsent(self, request, context):
+        """Records a consent given (or refused) by a contact or a lead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WithdrawConsent(self, request, context):
+        """Withdraws a consent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsents(self, request, context):
+        """Lists consents, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRetentionPolicy(self, request, context):
+        """Creates a retention policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetentionPolicies(self, request, context):
+        """Lists the tenant's retention policies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunRetention(self, request, context):
+        """Runs the active retention policies now (the service also runs them on a schedule).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseDataSubject(self, request, context):
+        """Erases or anonymizes one person's data in every service and in audit values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeletionLogs(self, request, context):
+        """Lists the deletion log, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGdprReport(self, request, context):
+        """The processing activities with the record counts of their data categories.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveAuditLogs(self, request, context):
+        """Moves whole monthly partitions older than a time into the archive schema (platform-wide;
+        the service also runs it on a schedule).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +338,121 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ListAuditLogs,
                     request_deserializer=crm_dot_v1_dot_audit__pb2.ListAuditLogsRequest.FromString,
                     response_serializer=crm_dot_v1_dot_audit__pb2.ListAuditLogsResponse.SerializeToString,
+            ),
+            'GetRecordHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecordHistory,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.GetRecordHistoryRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.GetRecordHistoryResponse.SerializeToString,
+            ),
+            'ListRecordVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRecordVersions,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListRecordVersionsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListRecordVersionsResponse.SerializeToString,
+            ),
+            'GetRecordVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecordVersion,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.GetRecordVersionRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.RecordVersion.SerializeToString,
+            ),
+            'RestoreRecordVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreRecordVersion,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.RestoreRecordVersionRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.RestoreRecordVersionResponse.SerializeToString,
+            ),
+            'GetUserActivitySummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserActivitySummary,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryResponse.SerializeToString,
+            ),
+            'ListAuthEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuthEvents,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListAuthEventsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListAuthEventsResponse.SerializeToString,
+            ),
+            'ListApiCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiCalls,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListApiCallsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListApiCallsResponse.SerializeToString,
+            ),
+            'VerifyAuditChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAuditChain,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.VerifyAuditChainRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.VerifyAuditChainResponse.SerializeToString,
+            ),
+            'CreateSensitiveField': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSensitiveField,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.CreateSensitiveFieldRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.SensitiveField.SerializeToString,
+            ),
+            'ListSensitiveFields': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSensitiveFields,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsResponse.SerializeToString,
+            ),
+            'DeleteSensitiveField': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSensitiveField,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldResponse.SerializeToString,
+            ),
+            'CreateProcessingActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateProcessingActivity,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.CreateProcessingActivityRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ProcessingActivity.SerializeToString,
+            ),
+            'ListProcessingActivities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcessingActivities,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesResponse.SerializeToString,
+            ),
+            'RecordConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordConsent,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.RecordConsentRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ConsentRecord.SerializeToString,
+            ),
+            'WithdrawConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawConsent,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.WithdrawConsentRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ConsentRecord.SerializeToString,
+            ),
+            'ListConsents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsents,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListConsentsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListConsentsResponse.SerializeToString,
+            ),
+            'CreateRetentionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRetentionPolicy,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.CreateRetentionPolicyRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.RetentionPolicy.SerializeToString,
+            ),
+            'ListRetentionPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetentionPolicies,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesResponse.SerializeToString,
+            ),
+            'RunRetention': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunRetention,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.RunRetentionRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.RunRetentionResponse.SerializeToString,
+            ),
+            'EraseDataSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseDataSubject,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.EraseDataSubjectRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.EraseDataSubjectResponse.SerializeToString,
+            ),
+            'ListDeletionLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeletionLogs,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ListDeletionLogsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ListDeletionLogsResponse.SerializeToString,
+            ),
+            'GetGdprReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGdprReport,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.GetGdprReportRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.GdprReport.SerializeToString,
+            ),
+            'ArchiveAuditLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveAuditLogs,
+                    request_deserializer=crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +483,627 @@ class AuditService:
             '/crm.v1.AuditService/ListAuditLogs',
             crm_dot_v1_dot_audit__pb2.ListAuditLogsRequest.SerializeToString,
             crm_dot_v1_dot_audit__pb2.ListAuditLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecordHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/GetRecordHistory',
+            crm_dot_v1_dot_audit__pb2.GetRecordHistoryRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.GetRecordHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRecordVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListRecordVersions',
+            crm_dot_v1_dot_audit__pb2.ListRecordVersionsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListRecordVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecordVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/GetRecordVersion',
+            crm_dot_v1_dot_audit__pb2.GetRecordVersionRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.RecordVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreRecordVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/RestoreRecordVersion',
+            crm_dot_v1_dot_audit__pb2.RestoreRecordVersionRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.RestoreRecordVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserActivitySummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/GetUserActivitySummary',
+            crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.GetUserActivitySummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuthEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListAuthEvents',
+            crm_dot_v1_dot_audit__pb2.ListAuthEventsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListAuthEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListApiCalls',
+            crm_dot_v1_dot_audit__pb2.ListApiCallsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListApiCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAuditChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/VerifyAuditChain',
+            crm_dot_v1_dot_audit__pb2.VerifyAuditChainRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.VerifyAuditChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSensitiveField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/CreateSensitiveField',
+            crm_dot_v1_dot_audit__pb2.CreateSensitiveFieldRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.SensitiveField.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSensitiveFields(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListSensitiveFields',
+            crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListSensitiveFieldsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSensitiveField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/DeleteSensitiveField',
+            crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.DeleteSensitiveFieldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateProcessingActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/CreateProcessingActivity',
+            crm_dot_v1_dot_audit__pb2.CreateProcessingActivityRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ProcessingActivity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcessingActivities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListProcessingActivities',
+            crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListProcessingActivitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/RecordConsent',
+            crm_dot_v1_dot_audit__pb2.RecordConsentRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ConsentRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/WithdrawConsent',
+            crm_dot_v1_dot_audit__pb2.WithdrawConsentRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ConsentRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListConsents',
+            crm_dot_v1_dot_audit__pb2.ListConsentsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListConsentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRetentionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/CreateRetentionPolicy',
+            crm_dot_v1_dot_audit__pb2.CreateRetentionPolicyRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.RetentionPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetentionPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListRetentionPolicies',
+            crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListRetentionPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunRetention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/RunRetention',
+            crm_dot_v1_dot_audit__pb2.RunRetentionRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.RunRetentionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseDataSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/EraseDataSubject',
+            crm_dot_v1_dot_audit__pb2.EraseDataSubjectRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.EraseDataSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeletionLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ListDeletionLogs',
+            crm_dot_v1_dot_audit__pb2.ListDeletionLogsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ListDeletionLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGdprReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/GetGdprReport',
+            crm_dot_v1_dot_audit__pb2.GetGdprReportRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.GdprReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveAuditLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.AuditService/ArchiveAuditLogs',
+            crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsRequest.SerializeToString,
+            crm_dot_v1_dot_audit__pb2.ArchiveAuditLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,56 @@ class AuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     ListAuditLogs: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListAuditLogsRequest, _audit_pb2.ListAuditLogsResponse]
     """Lists the tenant's audit entries, newest first."""
+    GetRecordHistory: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetRecordHistoryRequest, _audit_pb2.GetRecordHistoryResponse]
+    """The audit trail of one record, oldest first, with field-level changes."""
+    ListRecordVersions: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListRecordVersionsRequest, _audit_pb2.ListRecordVersionsResponse]
+    """Lists the stored versions of one record, newest first."""
+    GetRecordVersion: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetRecordVersionRequest, _audit_pb2.RecordVersion]
+    """Returns one version of a record."""
+    RestoreRecordVersion: _grpc.UnaryUnaryMultiCallable[_audit_pb2.RestoreRecordVersionRequest, _audit_pb2.RestoreRecordVersionResponse]
+    """Writes an earlier version back through the owning service, which logs it as RESTORE.
+    A record changed since its latest stored version gives ABORTED unless `force`.
+    """
+    GetUserActivitySummary: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetUserActivitySummaryRequest, _audit_pb2.GetUserActivitySummaryResponse]
+    """Per table and operation: how many changes a user made and when last."""
+    ListAuthEvents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListAuthEventsRequest, _audit_pb2.ListAuthEventsResponse]
+    """Lists sign-in related events, newest first."""
+    ListApiCalls: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListApiCallsRequest, _audit_pb2.ListApiCallsResponse]
+    """Lists calls made through the gateway, newest first."""
+    VerifyAuditChain: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditChainRequest, _audit_pb2.VerifyAuditChainResponse]
+    """Recomputes the tenant's hash chain and reports the first entry that breaks it."""
+    CreateSensitiveField: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CreateSensitiveFieldRequest, _audit_pb2.SensitiveField]
+    """Marks a field sensitive for the tenant: its values are masked in every later entry."""
+    ListSensitiveFields: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListSensitiveFieldsRequest, _audit_pb2.ListSensitiveFieldsResponse]
+    """Lists the fields the tenant marked sensitive."""
+    DeleteSensitiveField: _grpc.UnaryUnaryMultiCallable[_audit_pb2.DeleteSensitiveFieldRequest, _audit_pb2.DeleteSensitiveFieldResponse]
+    """Removes a tenant-marked sensitive field (later entries are no longer masked for it)."""
+    CreateProcessingActivity: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CreateProcessingActivityRequest, _audit_pb2.ProcessingActivity]
+    """Records a processing activity (GDPR article 30 register)."""
+    ListProcessingActivities: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListProcessingActivitiesRequest, _audit_pb2.ListProcessingActivitiesResponse]
+    """Lists the tenant's processing activities by name."""
+    RecordConsent: _grpc.UnaryUnaryMultiCallable[_audit_pb2.RecordConsentRequest, _audit_pb2.ConsentRecord]
+    """Records a consent given (or refused) by a contact or a lead."""
+    WithdrawConsent: _grpc.UnaryUnaryMultiCallable[_audit_pb2.WithdrawConsentRequest, _audit_pb2.ConsentRecord]
+    """Withdraws a consent."""
+    ListConsents: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListConsentsRequest, _audit_pb2.ListConsentsResponse]
+    """Lists consents, newest first."""
+    CreateRetentionPolicy: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CreateRetentionPolicyRequest, _audit_pb2.RetentionPolicy]
+    """Creates a retention policy."""
+    ListRetentionPolicies: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListRetentionPoliciesRequest, _audit_pb2.ListRetentionPoliciesResponse]
+    """Lists the tenant's retention policies."""
+    RunRetention: _grpc.UnaryUnaryMultiCallable[_audit_pb2.RunRetentionRequest, _audit_pb2.RunRetentionResponse]
+    """Runs the active retention policies now (the service also runs them on a schedule)."""
+    EraseDataSubject: _grpc.UnaryUnaryMultiCallable[_audit_pb2.EraseDataSubjectRequest, _audit_pb2.EraseDataSubjectResponse]
+    """Erases or anonymizes one person's data in every service and in audit values."""
+    ListDeletionLogs: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListDeletionLogsRequest, _audit_pb2.ListDeletionLogsResponse]
+    """Lists the deletion log, newest first."""
+    GetGdprReport: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetGdprReportRequest, _audit_pb2.GdprReport]
+    """The processing activities with the record counts of their data categories."""
+    ArchiveAuditLogs: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ArchiveAuditLogsRequest, _audit_pb2.ArchiveAuditLogsResponse]
+    """Moves whole monthly partitions older than a time into the archive schema (platform-wide;
+    the service also runs it on a schedule).
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -43,6 +93,56 @@ class AuditServiceAsyncStub(AuditServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAuditLogs: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListAuditLogsRequest, _audit_pb2.ListAuditLogsResponse]  # type: ignore[assignment]
     """Lists the tenant's audit entries, newest first."""
+    GetRecordHistory: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetRecordHistoryRequest, _audit_pb2.GetRecordHistoryResponse]  # type: ignore[assignment]
+    """The audit trail of one record, oldest first, with field-level changes."""
+    ListRecordVersions: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListRecordVersionsRequest, _audit_pb2.ListRecordVersionsResponse]  # type: ignore[assignment]
+    """Lists the stored versions of one record, newest first."""
+    GetRecordVersion: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetRecordVersionRequest, _audit_pb2.RecordVersion]  # type: ignore[assignment]
+    """Returns one version of a record."""
+    RestoreRecordVersion: _aio.UnaryUnaryMultiCallable[_audit_pb2.RestoreRecordVersionRequest, _audit_pb2.RestoreRecordVersionResponse]  # type: ignore[assignment]
+    """Writes an earlier version back through the owning service, which logs it as RESTORE.
+    A record changed since its latest stored version gives ABORTED unless `force`.
+    """
+    GetUserActivitySummary: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetUserActivitySummaryRequest, _audit_pb2.GetUserActivitySummaryResponse]  # type: ignore[assignment]
+    """Per table and operation: how many changes a user made and when last."""
+    ListAuthEvents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListAuthEventsRequest, _audit_pb2.ListAuthEventsResponse]  # type: ignore[assignment]
+    """Lists sign-in related events, newest first."""
+    ListApiCalls: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListApiCallsRequest, _audit_pb2.ListApiCallsResponse]  # type: ignore[assignment]
+    """Lists calls made through the gateway, newest first."""
+    VerifyAuditChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditChainRequest, _audit_pb2.VerifyAuditChainResponse]  # type: ignore[assignment]
+    """Recomputes the tenant's hash chain and reports the first entry that breaks it."""
+    CreateSensitiveField: _aio.UnaryUnaryMultiCallable[_audit_pb2.CreateSensitiveFieldRequest, _audit_pb2.SensitiveField]  # type: ignore[assignment]
+    """Marks a field sensitive for the tenant: its values are masked in every later entry."""
+    ListSensitiveFields: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListSensitiveFieldsRequest, _audit_pb2.ListSensitiveFieldsResponse]  # type: ignore[assignment]
+    """Lists the fields the tenant marked sensitive."""
+    DeleteSensitiveField: _aio.UnaryUnaryMultiCallable[_audit_pb2.DeleteSensitiveFieldRequest, _audit_pb2.DeleteSensitiveFieldResponse]  # type: ignore[assignment]
+    """Removes a tenant-marked sensitive field (later entries are no longer masked for it)."""
+    CreateProcessingActivity: _aio.UnaryUnaryMultiCallable[_audit_pb2.CreateProcessingActivityRequest, _audit_pb2.ProcessingActivity]  # type: ignore[assignment]
+    """Records a processing activity (GDPR article 30 register)."""
+    ListProcessingActivities: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListProcessingActivitiesRequest, _audit_pb2.ListProcessingActivitiesResponse]  # type: ignore[assignment]
+    """Lists the tenant's processing activities by name."""
+    RecordConsent: _aio.UnaryUnaryMultiCallable[_audit_pb2.RecordConsentRequest, _audit_pb2.ConsentRecord]  # type: ignore[assignment]
+    """Records a consent given (or refused) by a contact or a lead."""
+    WithdrawConsent: _aio.UnaryUnaryMultiCallable[_audit_pb2.WithdrawConsentRequest, _audit_pb2.ConsentRecord]  # type: ignore[assignment]
+    """Withdraws a consent."""
+    ListConsents: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListConsentsRequest, _audit_pb2.ListConsentsResponse]  # type: ignore[assignment]
+    """Lists consents, newest first."""
+    CreateRetentionPolicy: _aio.UnaryUnaryMultiCallable[_audit_pb2.CreateRetentionPolicyRequest, _audit_pb2.RetentionPolicy]  # type: ignore[assignment]
+    """Creates a retention policy."""
+    ListRetentionPolicies: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListRetentionPoliciesRequest, _audit_pb2.ListRetentionPoliciesResponse]  # type: ignore[assignment]
+    """Lists the tenant's retention policies."""
+    RunRetention: _aio.UnaryUnaryMultiCallable[_audit_pb2.RunRetentionRequest, _audit_pb2.RunRetentionResponse]  # type: ignore[assignment]
+    """Runs the active retention policies now (the service also runs them on a schedule)."""
+    EraseDataSubject: _aio.UnaryUnaryMultiCallable[_audit_pb2.EraseDataSubjectRequest, _audit_pb2.EraseDataSubjectResponse]  # type: ignore[assignment]
+    """Erases or anonymizes one person's data in every service and in audit values."""
+    ListDeletionLogs: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListDeletionLogsRequest, _audit_pb2.ListDeletionLogsResponse]  # type: ignore[assignment]
+    """Lists the deletion log, newest first."""
+    GetGdprReport: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetGdprReportRequest, _audit_pb2.GdprReport]  # type: ignore[assignment]
+    """The processing activities with the record counts of their data categories."""
+    ArchiveAuditLogs: _aio.UnaryUnaryMultiCallable[_audit_pb2.ArchiveAuditLogsRequest, _audit_pb2.ArchiveAuditLogsResponse]  # type: ignore[assignment]
+    """Moves whole monthly partitions older than a time into the archive schema (platform-wide;
+    the service also runs it on a schedule).
+    """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """The audit log, record history and compliance records of the caller's tenant."""
@@ -54,5 +154,193 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.ListAuditLogsResponse, _abc.Awaitable[_audit_pb2.ListAuditLogsResponse]]:
         """Lists the tenant's audit entries, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetRecordHistory(
+        self,
+        request: _audit_pb2.GetRecordHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetRecordHistoryResponse, _abc.Awaitable[_audit_pb2.GetRecordHistoryResponse]]:
+        """The audit trail of one record, oldest first, with field-level changes."""
+
+    @_abc_1.abstractmethod
+    def ListRecordVersions(
+        self,
+        request: _audit_pb2.ListRecordVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListRecordVersionsResponse, _abc.Awaitable[_audit_pb2.ListRecordVersionsResponse]]:
+        """Lists the stored versions of one record, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetRecordVersion(
+        self,
+        request: _audit_pb2.GetRecordVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.RecordVersion, _abc.Awaitable[_audit_pb2.RecordVersion]]:
+        """Returns one version of a record."""
+
+    @_abc_1.abstractmethod
+    def RestoreRecordVersion(
+        self,
+        request: _audit_pb2.RestoreRecordVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.RestoreRecordVersionResponse, _abc.Awaitable[_audit_pb2.RestoreRecordVersionResponse]]:
+        """Writes an earlier version back through the owning service, which logs it as RESTORE.
+        A record changed since its latest stored version gives ABORTED unless `force`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserActivitySummary(
+        self,
+        request: _audit_pb2.GetUserActivitySummaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GetUserActivitySummaryResponse, _abc.Awaitable[_audit_pb2.GetUserActivitySummaryResponse]]:
+        """Per table and operation: how many changes a user made and when last."""
+
+    @_abc_1.abstractmethod
+    def ListAuthEvents(
+        self,
+        request: _audit_pb2.ListAuthEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListAuthEventsResponse, _abc.Awaitable[_audit_pb2.ListAuthEventsResponse]]:
+        """Lists sign-in related events, newest first."""
+
+    @_abc_1.abstractmethod
+    def ListApiCalls(
+        self,
+        request: _audit_pb2.ListApiCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListApiCallsResponse, _abc.Awaitable[_audit_pb2.ListApiCallsResponse]]:
+        """Lists calls made through the gateway, newest first."""
+
+    @_abc_1.abstractmethod
+    def VerifyAuditChain(
+        self,
+        request: _audit_pb2.VerifyAuditChainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.VerifyAuditChainResponse, _abc.Awaitable[_audit_pb2.VerifyAuditChainResponse]]:
+        """Recomputes the tenant's hash chain and reports the first entry that breaks it."""
+
+    @_abc_1.abstractmethod
+    def CreateSensitiveField(
+        self,
+        request: _audit_pb2.CreateSensitiveFieldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.SensitiveField, _abc.Awaitable[_audit_pb2.SensitiveField]]:
+        """Marks a field sensitive for the tenant: its values are masked in every later entry."""
+
+    @_abc_1.abstractmethod
+    def ListSensitiveFields(
+        self,
+        request: _audit_pb2.ListSensitiveFieldsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListSensitiveFieldsResponse, _abc.Awaitable[_audit_pb2.ListSensitiveFieldsResponse]]:
+        """Lists the fields the tenant marked sensitive."""
+
+    @_abc_1.abstractmethod
+    def DeleteSensitiveField(
+        self,
+        request: _audit_pb2.DeleteSensitiveFieldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.DeleteSensitiveFieldResponse, _abc.Awaitable[_audit_pb2.DeleteSensitiveFieldResponse]]:
+        """Removes a tenant-marked sensitive field (later entries are no longer masked for it)."""
+
+    @_abc_1.abstractmethod
+    def CreateProcessingActivity(
+        self,
+        request: _audit_pb2.CreateProcessingActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ProcessingActivity, _abc.Awaitable[_audit_pb2.ProcessingActivity]]:
+        """Records a processing activity (GDPR article 30 register)."""
+
+    @_abc_1.abstractmethod
+    def ListProcessingActivities(
+        self,
+        request: _audit_pb2.ListProcessingActivitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListProcessingActivitiesResponse, _abc.Awaitable[_audit_pb2.ListProcessingActivitiesResponse]]:
+        """Lists the tenant's processing activities by name."""
+
+    @_abc_1.abstractmethod
+    def RecordConsent(
+        self,
+        request: _audit_pb2.RecordConsentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ConsentRecord, _abc.Awaitable[_audit_pb2.ConsentRecord]]:
+        """Records a consent given (or refused) by a contact or a lead."""
+
+    @_abc_1.abstractmethod
+    def WithdrawConsent(
+        self,
+        request: _audit_pb2.WithdrawConsentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ConsentRecord, _abc.Awaitable[_audit_pb2.ConsentRecord]]:
+        """Withdraws a consent."""
+
+    @_abc_1.abstractmethod
+    def ListConsents(
+        self,
+        request: _audit_pb2.ListConsentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListConsentsResponse, _abc.Awaitable[_audit_pb2.ListConsentsResponse]]:
+        """Lists consents, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateRetentionPolicy(
+        self,
+        request: _audit_pb2.CreateRetentionPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.RetentionPolicy, _abc.Awaitable[_audit_pb2.RetentionPolicy]]:
+        """Creates a retention policy."""
+
+    @_abc_1.abstractmethod
+    def ListRetentionPolicies(
+        self,
+        request: _audit_pb2.ListRetentionPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListRetentionPoliciesResponse, _abc.Awaitable[_audit_pb2.ListRetentionPoliciesResponse]]:
+        """Lists the tenant's retention policies."""
+
+    @_abc_1.abstractmethod
+    def RunRetention(
+        self,
+        request: _audit_pb2.RunRetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.RunRetentionResponse, _abc.Awaitable[_audit_pb2.RunRetentionResponse]]:
+        """Runs the active retention policies now (the service also runs them on a schedule)."""
+
+    @_abc_1.abstractmethod
+    def EraseDataSubject(
+        self,
+        request: _audit_pb2.EraseDataSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.EraseDataSubjectResponse, _abc.Awaitable[_audit_pb2.EraseDataSubjectResponse]]:
+        """Erases or anonymizes one person's data in every service and in audit values."""
+
+    @_abc_1.abstractmethod
+    def ListDeletionLogs(
+        self,
+        request: _audit_pb2.ListDeletionLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListDeletionLogsResponse, _abc.Awaitable[_audit_pb2.ListDeletionLogsResponse]]:
+        """Lists the deletion log, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetGdprReport(
+        self,
+        request: _audit_pb2.GetGdprReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.GdprReport, _abc.Awaitable[_audit_pb2.GdprReport]]:
+        """The processing activities with the record counts of their data categories."""
+
+    @_abc_1.abstractmethod
+    def ArchiveAuditLogs(
+        self,
+        request: _audit_pb2.ArchiveAuditLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ArchiveAuditLogsResponse, _abc.Awaitable[_audit_pb2.ArchiveAuditLogsResponse]]:
+        """Moves whole monthly partitions older than a time into the archive schema (platform-wide;
+        the service also runs it on a schedule).
+        """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

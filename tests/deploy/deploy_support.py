@@ -38,8 +38,7 @@ SETTINGS_CLASS = {
 }
 #: Variables the manifests already set for settings that are announced but not yet in
 #: shared/config.py. Each is accepted only while no settings class defines it.
-PENDING_SETTINGS = {
-}
+PENDING_SETTINGS = {}
 GRPC_PORT = 50051
 METRICS_PORT = 9100
 

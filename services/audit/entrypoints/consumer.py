@@ -1,58 +1,116 @@
-"""The audit ingest loop: a durable pull consumer on CRM_EVENTS that writes change events in
-batches and acknowledges them only after the batch has committed.
+"""The audit ingest loops: durable pull consumers on CRM_EVENTS that write events in batches
+and acknowledge them only after the batch has committed.
 
-Redelivery is harmless (the insert is idempotent on the event id); an event that can never be
-stored is copied to the dead-letter subject and terminated, so it does not block the stream.
+Three consumers, one per kind of event (changes `crm.events.>`, sign-ins `crm.auth.>`, gateway
+calls `crm.api.>`), rather than one consumer over all subjects: each kind has its own message
+type and table, and a flood of API calls (the highest-volume kind) must never hold back the
+change log behind it. Each keeps its own durable position and redelivery.
+
+Redelivery is harmless (inserts are idempotent on the event id); an event that can never be
+stored is copied to the dead-letter subject and terminated, so it does not block the stream. A
+batch the database refuses for a data error is retried one event at a time, so only the bad
+event is dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.audit.adapters.store import UndecodableEvent, audit_row, write_batch
+from services.audit.adapters.store import (
+    UndecodableEvent,
+    decode_api_call,
+    decode_auth,
+    decode_change,
+    write_api_calls,
+    write_auth_events,
+    write_changes,
+)
 from shared.events import STREAM_NAME
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 CHANGE_SUBJECTS = "crm.events.>"
+AUTH_SUBJECTS = "crm.auth.>"
+API_SUBJECTS = "crm.api.>"
 DEAD_LETTER_SUBJECT = "crm.deadletter.audit"
 
+Row = TypeVar("Row")
 
-class AuditIngest:
+# Errors that mean "this data can never be stored" rather than "the database is away".
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+@dataclass(frozen=True)
+class EventKind(Generic[Row]):
+    """How one kind of event is consumed: its subjects, durable suffix, decoder and writer."""
+
+    name: str
+    subjects: str
+    durable_suffix: str
+    decode: Callable[[bytes], Row]
+    write: Callable[[asyncpg.Pool, Sequence[Row]], Awaitable[int]]
+
+
+CHANGES: EventKind[Any] = EventKind("changes", CHANGE_SUBJECTS, "", decode_change, write_changes)
+AUTH: EventKind[Any] = EventKind("auth", AUTH_SUBJECTS, "-auth", decode_auth, write_auth_events)
+API: EventKind[Any] = EventKind("api", API_SUBJECTS, "-api", decode_api_call, write_api_calls)
+ALL_KINDS = (CHANGES, AUTH, API)
+
+
+class StreamIngest(Generic[Row]):
     def __init__(
         self,
+        kind: EventKind[Row],
         pool: Callable[[], asyncpg.Pool],
         jetstream: Callable[[], JetStreamContext],
         durable: str,
         batch_size: int,
+        deliver_from: str = "all",
     ) -> None:
+        self.kind = kind
         self._pool = pool
         self._jetstream = jetstream
-        self._durable = durable
+        self.durable = durable + kind.durable_suffix
         self._batch_size = batch_size
+        self._deliver = DeliverPolicy.NEW if deliver_from == "new" else DeliverPolicy.ALL
         self.ingested_total = 0
+
+    def _config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=self.kind.subjects,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=self._deliver,
+            ack_wait=30,
+            max_deliver=-1,
+            max_ack_pending=10_000,
+        )
+
+    async def ensure_consumer(self) -> None:
+        """Creates the durable consumer at start-up, before the service reports SERVING: from
+        then on every event is kept for it, whether or not the loop is running. (Where it
+        starts matters only the first time; afterwards the durable keeps its position.)"""
+        js = self._jetstream()
+        try:
+            await js.consumer_info(STREAM_NAME, self.durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(STREAM_NAME, self._config())
 
     async def run(self) -> None:
         js = self._jetstream()
         subscription = await js.pull_subscribe(
-            CHANGE_SUBJECTS,
-            durable=self._durable,
-            stream=STREAM_NAME,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30,
-                max_deliver=-1,
-                max_ack_pending=10_000,
-            ),
+            self.kind.subjects, durable=self.durable, stream=STREAM_NAME, config=self._config()
         )
         while True:
             try:
@@ -60,39 +118,65 @@ class AuditIngest:
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.NoServersError) as exc:
-                log.warning("audit consumer lost NATS; retrying", error=str(exc))
+                log.warning("audit consumer lost NATS; retrying", kind=self.kind.name, error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            await self._handle(js, messages)
+            await self.handle(js, messages)
 
-    async def _handle(self, js: JetStreamContext, messages: list[Msg]) -> None:
-        rows, good, poison = [], [], []
+    async def _dead_letter(self, js: JetStreamContext, message: Msg, reason: str) -> None:
+        log.error(
+            "dead-lettering an event the audit log cannot store",
+            kind=self.kind.name,
+            subject=message.subject,
+            reason=reason,
+        )
+        await js.publish(
+            DEAD_LETTER_SUBJECT,
+            message.data,
+            headers={"Crm-Dead-Letter-Reason": reason[:500], "Crm-Original-Subject": message.subject},
+        )
+        await message.term()
+
+    async def handle(self, js: JetStreamContext, messages: list[Msg]) -> None:
+        rows: list[Row] = []
+        good: list[Msg] = []
         for message in messages:
             try:
-                rows.append(audit_row(message.data))
+                rows.append(self.kind.decode(message.data))
                 good.append(message)
             except UndecodableEvent as exc:
-                poison.append((message, str(exc)))
-        for message, reason in poison:
-            log.error(
-                "dead-lettering an event the audit log cannot store", subject=message.subject, reason=reason
-            )
-            await js.publish(
-                DEAD_LETTER_SUBJECT,
-                message.data,
-                headers={"Crm-Dead-Letter-Reason": reason, "Crm-Original-Subject": message.subject},
-            )
-            await message.term()
+                await self._dead_letter(js, message, str(exc))
+            except Exception as exc:  # decoding is pure: anything it raises means a bad payload
+                await self._dead_letter(js, message, f"undecodable: {type(exc).__name__}")
         if not rows:
             return
         try:
-            await write_batch(self._pool(), rows)
+            await self.kind.write(self._pool(), rows)
+        except _DATA_ERRORS as exc:
+            log.warning("audit batch refused; writing one by one", kind=self.kind.name, error=str(exc))
+            await self._write_one_by_one(js, rows, good)
+            return
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # Transient: the messages come back after a short delay and the write is retried.
-            log.warning("audit batch failed; will be redelivered", error=str(exc), size=len(rows))
+            log.warning(
+                "audit batch failed; will be redelivered", kind=self.kind.name, error=str(exc), size=len(rows)
+            )
             for message in good:
                 await message.nak(delay=1.0)
             return
         for message in good:
             await message.ack()
         self.ingested_total += len(rows)
+
+    async def _write_one_by_one(self, js: JetStreamContext, rows: list[Row], messages: list[Msg]) -> None:
+        for row, message in zip(rows, messages, strict=True):
+            try:
+                await self.kind.write(self._pool(), [row])
+            except _DATA_ERRORS as exc:
+                await self._dead_letter(js, message, f"refused by the database: {exc}")
+                continue
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await message.nak(delay=1.0)
+                continue
+            await message.ack()
+            self.ingested_total += 1
