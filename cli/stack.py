@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
 from cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port, new_secret, port_is_free
 from shared.healthcheck import check
 from shared.provisioning import Roles, dsn_for, ensure_database, ensure_roles
@@ -98,6 +100,7 @@ class Stack:
             "app_password": new_secret(),
             "internal_token": new_secret(),
             "platform_admin_key": "crm_platform_" + new_secret(),
+            "encryption_key": Fernet.generate_key().decode(),
         }
         for key, value in defaults.items():
             self.state.setdefault(key, value)
@@ -217,12 +220,25 @@ class Stack:
             core = add(f"core-entity@{shard}", "core-entity", siblings, port=core_port)
             custom = add(f"custom-object@{shard}", "custom-object", siblings, port=custom_port)
             shard_specs.append(
-                {"name": shard, "core_entity_address": core.address, "custom_object_address": custom.address}
+                {
+                    "name": shard,
+                    "core_entity_address": core.address,
+                    "custom_object_address": custom.address,
+                    # The tenant service keeps each shard's membership table and moves tenants
+                    # between shard databases, so it needs both connections.
+                    "dsn": urls["CRM_DB_URL"],
+                    "owner_dsn": urls["CRM_DB_OWNER_URL"],
+                }
             )
         tenant = add(
             "tenant",
             "tenant",
-            {**self.db_urls(self.database("directory")), "CRM_BOOTSTRAP_SHARDS": json.dumps(shard_specs)},
+            {
+                **self.db_urls(self.database("directory")),
+                "CRM_BOOTSTRAP_SHARDS": json.dumps(shard_specs),
+                # Encrypts secret configuration values and shard URLs at rest.
+                "CRM_ENCRYPTION_KEY": self.state["encryption_key"],
+            },
         )
         # One durable consumer per suite: suites sharing a NATS server must not take each
         # other's events.

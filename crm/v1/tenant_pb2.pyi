@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -74,6 +77,78 @@ TENANT_STATUS_SUSPENDED: TenantStatus.ValueType  # 2
 TENANT_STATUS_CANCELLED: TenantStatus.ValueType  # 3
 """The tenant has left; its data is kept until deletion."""
 Global___TenantStatus: _TypeAlias = TenantStatus  # noqa: Y015
+
+class _UserRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_ROLE_UNSPECIFIED: _UserRole.ValueType  # 0
+    """Not set; treated as member on create."""
+    USER_ROLE_ADMIN: _UserRole.ValueType  # 1
+    """Manages users, keys and configuration."""
+    USER_ROLE_MEMBER: _UserRole.ValueType  # 2
+    """Reads and writes the tenant's data."""
+    USER_ROLE_READ_ONLY: _UserRole.ValueType  # 3
+    """Reads only."""
+
+class UserRole(_UserRole, metaclass=_UserRoleEnumTypeWrapper):
+    """The role of a user within its tenant."""
+
+USER_ROLE_UNSPECIFIED: UserRole.ValueType  # 0
+"""Not set; treated as member on create."""
+USER_ROLE_ADMIN: UserRole.ValueType  # 1
+"""Manages users, keys and configuration."""
+USER_ROLE_MEMBER: UserRole.ValueType  # 2
+"""Reads and writes the tenant's data."""
+USER_ROLE_READ_ONLY: UserRole.ValueType  # 3
+"""Reads only."""
+Global___UserRole: _TypeAlias = UserRole  # noqa: Y015
+
+class _TenantMovePhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TenantMovePhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TenantMovePhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TENANT_MOVE_PHASE_UNSPECIFIED: _TenantMovePhase.ValueType  # 0
+    """Not set."""
+    TENANT_MOVE_PHASE_PENDING: _TenantMovePhase.ValueType  # 1
+    """Accepted, not started."""
+    TENANT_MOVE_PHASE_COPYING: _TenantMovePhase.ValueType  # 2
+    """Bulk copy while the tenant's writes go on."""
+    TENANT_MOVE_PHASE_CATCHING_UP: _TenantMovePhase.ValueType  # 3
+    """Copying what changed during the bulk copy, writes still on."""
+    TENANT_MOVE_PHASE_BLOCKED: _TenantMovePhase.ValueType  # 4
+    """The tenant's writes are blocked; the last changes are copied and verified."""
+    TENANT_MOVE_PHASE_CLEANING_UP: _TenantMovePhase.ValueType  # 5
+    """The directory points at the target; the source copy is being removed."""
+    TENANT_MOVE_PHASE_COMPLETED: _TenantMovePhase.ValueType  # 6
+    """Done: the tenant lives on the target shard."""
+    TENANT_MOVE_PHASE_FAILED: _TenantMovePhase.ValueType  # 7
+    """Failed and rolled back: the tenant lives, whole and writable, on the source shard."""
+
+class TenantMovePhase(_TenantMovePhase, metaclass=_TenantMovePhaseEnumTypeWrapper):
+    """The phases of a tenant move, in order."""
+
+TENANT_MOVE_PHASE_UNSPECIFIED: TenantMovePhase.ValueType  # 0
+"""Not set."""
+TENANT_MOVE_PHASE_PENDING: TenantMovePhase.ValueType  # 1
+"""Accepted, not started."""
+TENANT_MOVE_PHASE_COPYING: TenantMovePhase.ValueType  # 2
+"""Bulk copy while the tenant's writes go on."""
+TENANT_MOVE_PHASE_CATCHING_UP: TenantMovePhase.ValueType  # 3
+"""Copying what changed during the bulk copy, writes still on."""
+TENANT_MOVE_PHASE_BLOCKED: TenantMovePhase.ValueType  # 4
+"""The tenant's writes are blocked; the last changes are copied and verified."""
+TENANT_MOVE_PHASE_CLEANING_UP: TenantMovePhase.ValueType  # 5
+"""The directory points at the target; the source copy is being removed."""
+TENANT_MOVE_PHASE_COMPLETED: TenantMovePhase.ValueType  # 6
+"""Done: the tenant lives on the target shard."""
+TENANT_MOVE_PHASE_FAILED: TenantMovePhase.ValueType  # 7
+"""Failed and rolled back: the tenant lives, whole and writable, on the source shard."""
+Global___TenantMovePhase: _TypeAlias = TenantMovePhase  # noqa: Y015
 
 @_typing.final
 class Tenant(_message.Message):
@@ -151,6 +226,7 @@ class CreateTenantRequest(_message.Message):
     ADMIN_LAST_NAME_FIELD_NUMBER: _builtins.int
     ADMIN_PASSWORD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DEDICATED_SHARD_FIELD_NUMBER: _builtins.int
     admin_email: _builtins.str
     """The admin user's e-mail address."""
     admin_first_name: _builtins.str
@@ -163,6 +239,8 @@ class CreateTenantRequest(_message.Message):
     """
     request_id: _builtins.str
     """An idempotency key (UUID). When empty the gateway's request id is used."""
+    dedicated_shard: _builtins.bool
+    """Enterprise tenants only: place the tenant on an empty dedicated shard."""
     @_builtins.property
     def tenant(self) -> Global___Tenant:
         """The tenant to create: name and subdomain are required, plan_type is optional."""
@@ -176,10 +254,11 @@ class CreateTenantRequest(_message.Message):
         admin_last_name: _builtins.str = ...,
         admin_password: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        dedicated_shard: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_email", b"admin_email", "admin_first_name", b"admin_first_name", "admin_last_name", b"admin_last_name", "admin_password", b"admin_password", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_email", b"admin_email", "admin_first_name", b"admin_first_name", "admin_last_name", b"admin_last_name", "admin_password", b"admin_password", "dedicated_shard", b"dedicated_shard", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,12 +274,19 @@ class CreateTenantResponse(_message.Message):
     ADMIN_USER_ID_FIELD_NUMBER: _builtins.int
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
+    DEFAULT_PIPELINE_ID_FIELD_NUMBER: _builtins.int
     admin_user_id: _builtins.str
     """The admin user's id (UUID)."""
     api_key_id: _builtins.str
     """The first API key's id (UUID)."""
     api_key: _builtins.str
-    """The first API key in full. It is shown only here, once; the platform keeps only its hash."""
+    """The first API key in full. It is shown only here, once; the platform keeps only its hash.
+    Empty when the response answers a retry of an earlier request.
+    """
+    default_pipeline_id: _builtins.str
+    """The id (UUID) of the default "Sales Pipeline" on the tenant's shard; empty when the
+    shard's pipeline service is not available to onboarding.
+    """
     @_builtins.property
     def tenant(self) -> Global___Tenant:
         """The tenant created."""
@@ -212,10 +298,11 @@ class CreateTenantResponse(_message.Message):
         admin_user_id: _builtins.str = ...,
         api_key_id: _builtins.str = ...,
         api_key: _builtins.str = ...,
+        default_pipeline_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_user_id", b"admin_user_id", "api_key", b"api_key", "api_key_id", b"api_key_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_user_id", b"admin_user_id", "api_key", b"api_key", "api_key_id", b"api_key_id", "default_pipeline_id", b"default_pipeline_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,3 +329,1221 @@ class GetTenantRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTenantRequest: _TypeAlias = GetTenantRequest  # noqa: Y015
+
+@_typing.final
+class ListTenantsRequest(_message.Message):
+    """Request for TenantService.ListTenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Page size; 50 when 0, at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    filter: _builtins.str
+    """Optional filter: "status = suspended", "plan_type = enterprise", "shard_id = <uuid>",
+    "subdomain = acme", joined by AND.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsRequest: _TypeAlias = ListTenantsRequest  # noqa: Y015
+
+@_typing.final
+class ListTenantsResponse(_message.Message):
+    """Response for TenantService.ListTenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many tenants match the filter."""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tenant]:
+        """The tenants of this page, by creation time then id."""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[Global___Tenant] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tenants", b"tenants", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTenantRequest(_message.Message):
+    """Request for TenantService.UpdateTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenant(self) -> Global___Tenant:
+        """The tenant with id and etag set and the fields to change."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: name, plan_type, status, settings."""
+
+    def __init__(
+        self,
+        *,
+        tenant: Global___Tenant | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTenantRequest: _TypeAlias = UpdateTenantRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTenantRequest(_message.Message):
+    """Request for TenantService.DeleteTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The tenant id (UUID)."""
+    etag: _builtins.str
+    """The tenant's etag; when set, a stale etag gives ABORTED."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTenantRequest: _TypeAlias = DeleteTenantRequest  # noqa: Y015
+
+@_typing.final
+class User(_message.Message):
+    """A person who signs in to one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    FIRST_NAME_FIELD_NUMBER: _builtins.int
+    LAST_NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
+    LAST_LOGIN_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The user id (UUID)."""
+    email: _builtins.str
+    """The e-mail address, unique within the tenant (case-insensitive); at most 255 characters."""
+    first_name: _builtins.str
+    """The first name; at most 100 characters."""
+    last_name: _builtins.str
+    """The last name; at most 100 characters."""
+    role: Global___UserRole.ValueType
+    """The role; member when unspecified."""
+    active: _builtins.bool
+    """Whether the user may sign in and use keys; true on create."""
+    etag: _builtins.str
+    """The version the client must send back on update."""
+    @_builtins.property
+    def locked_until(self) -> _timestamp_pb2.Timestamp:
+        """When the account is locked after repeated failed sign-ins, until then."""
+
+    @_builtins.property
+    def last_login_time(self) -> _timestamp_pb2.Timestamp:
+        """The last successful sign-in."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user was last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        first_name: _builtins.str = ...,
+        last_name: _builtins.str = ...,
+        role: Global___UserRole.ValueType = ...,
+        active: _builtins.bool = ...,
+        locked_until: _timestamp_pb2.Timestamp | None = ...,
+        last_login_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "email", b"email", "etag", b"etag", "first_name", b"first_name", "id", b"id", "last_login_time", b"last_login_time", "last_name", b"last_name", "locked_until", b"locked_until", "role", b"role", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___User: _TypeAlias = User  # noqa: Y015
+
+@_typing.final
+class CreateUserRequest(_message.Message):
+    """Request for TenantService.CreateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    password: _builtins.str
+    """The password; it must satisfy the password policy in system metadata."""
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user to create."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersRequest(_message.Message):
+    """Request for TenantService.ListUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Page size; 50 when 0, at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersResponse(_message.Message):
+    """Response for TenantService.ListUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many users the tenant has."""
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+        """The users of this page, by e-mail."""
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___User] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "total_size", b"total_size", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
+
+@_typing.final
+class UpdateUserRequest(_message.Message):
+    """Request for TenantService.UpdateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    password: _builtins.str
+    """The new password when update_mask names "password"."""
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The user with id and etag set and the fields to change."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: first_name, last_name, role, active, password."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateUserRequest: _TypeAlias = UpdateUserRequest  # noqa: Y015
+
+@_typing.final
+class AuthenticateRequest(_message.Message):
+    """Request for TenantService.Authenticate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBDOMAIN_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    subdomain: _builtins.str
+    """The tenant's subdomain."""
+    email: _builtins.str
+    """The user's e-mail address."""
+    password: _builtins.str
+    """The user's password."""
+    def __init__(
+        self,
+        *,
+        subdomain: _builtins.str = ...,
+        email: _builtins.str = ...,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "password", b"password", "subdomain", b"subdomain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthenticateRequest: _TypeAlias = AuthenticateRequest  # noqa: Y015
+
+@_typing.final
+class AuthenticateResponse(_message.Message):
+    """Response for TenantService.Authenticate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    session_token: _builtins.str
+    """The bearer token for later calls. Only its hash is stored."""
+    session_id: _builtins.str
+    """The session id (UUID), as seen in auth events."""
+    tenant_id: _builtins.str
+    """The user's tenant (UUID)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops working."""
+
+    @_builtins.property
+    def user(self) -> Global___User:
+        """The signed-in user."""
+
+    def __init__(
+        self,
+        *,
+        session_token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        session_id: _builtins.str = ...,
+        user: Global___User | None = ...,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "session_id", b"session_id", "session_token", b"session_token", "tenant_id", b"tenant_id", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthenticateResponse: _TypeAlias = AuthenticateResponse  # noqa: Y015
+
+@_typing.final
+class LogoutRequest(_message.Message):
+    """Request for TenantService.Logout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutRequest: _TypeAlias = LogoutRequest  # noqa: Y015
+
+@_typing.final
+class LogoutResponse(_message.Message):
+    """Response for TenantService.Logout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session id (UUID) that was ended."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogoutResponse: _TypeAlias = LogoutResponse  # noqa: Y015
+
+@_typing.final
+class ApiKey(_message.Message):
+    """An API key's public description; the secret is never returned after creation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The key id (UUID)."""
+    name: _builtins.str
+    """A name for people; 1 to 100 characters."""
+    prefix: _builtins.str
+    """The key's public prefix (12 hex characters), as in crm_<prefix>_<secret>."""
+    user_id: _builtins.str
+    """The user (UUID) who created the key."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Scopes granted: read, write, admin. Defaults to read and write."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was created."""
+
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was revoked; unset while it works."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        user_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "name", b"name", "prefix", b"prefix", "revoke_time", b"revoke_time", "scopes", b"scopes", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class CreateApiKeyRequest(_message.Message):
+    """Request for TenantService.CreateApiKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def api_key(self) -> Global___ApiKey:
+        """The key to create: name and scopes."""
+
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApiKeyRequest: _TypeAlias = CreateApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class CreateApiKeyResponse(_message.Message):
+    """Response for TenantService.CreateApiKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key in full, shown only here, once."""
+    @_builtins.property
+    def api_key(self) -> Global___ApiKey:
+        """The key created."""
+
+    def __init__(
+        self,
+        *,
+        api_key: Global___ApiKey | None = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class ListApiKeysRequest(_message.Message):
+    """Request for TenantService.ListApiKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Page size; 50 when 0, at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiKeysRequest: _TypeAlias = ListApiKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListApiKeysResponse(_message.Message):
+    """Response for TenantService.ListApiKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many keys the tenant has."""
+    @_builtins.property
+    def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]:
+        """The keys of this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        api_keys: _abc.Iterable[Global___ApiKey] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApiKeysResponse: _TypeAlias = ListApiKeysResponse  # noqa: Y015
+
+@_typing.final
+class RevokeApiKeyRequest(_message.Message):
+    """Request for TenantService.RevokeApiKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The key id (UUID)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class Configuration(_message.Message):
+    """One configuration value of a tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    IS_ENCRYPTED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """The category, e.g. "ui_customization"; 1 to 100 characters of a-z, 0-9 and "_"."""
+    key: _builtins.str
+    """The key within the category, e.g. "theme"; same format as category."""
+    is_encrypted: _builtins.bool
+    """Whether the value is encrypted at rest. Encrypted values are returned decrypted to the
+    tenant and never appear in events.
+    """
+    etag: _builtins.str
+    """The version; send it back on SetConfiguration to guard against lost updates."""
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The value, any JSON value."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the value was first set."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the value was last set."""
+
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        key: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+        is_encrypted: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "create_time", b"create_time", "etag", b"etag", "is_encrypted", b"is_encrypted", "key", b"key", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Configuration: _TypeAlias = Configuration  # noqa: Y015
+
+@_typing.final
+class GetConfigurationRequest(_message.Message):
+    """Request for TenantService.GetConfiguration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """The category."""
+    key: _builtins.str
+    """The key."""
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConfigurationRequest: _TypeAlias = GetConfigurationRequest  # noqa: Y015
+
+@_typing.final
+class SetConfigurationRequest(_message.Message):
+    """Request for TenantService.SetConfiguration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIGURATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def configuration(self) -> Global___Configuration:
+        """The value to set; when etag is set and stale the call is ABORTED."""
+
+    def __init__(
+        self,
+        *,
+        configuration: Global___Configuration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["configuration", b"configuration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configuration", b"configuration"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetConfigurationRequest: _TypeAlias = SetConfigurationRequest  # noqa: Y015
+
+@_typing.final
+class ListConfigurationsRequest(_message.Message):
+    """Request for TenantService.ListConfigurations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    category: _builtins.str
+    """Only this category, when set."""
+    page_size: _builtins.int
+    """Page size; 50 when 0, at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        category: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConfigurationsRequest: _TypeAlias = ListConfigurationsRequest  # noqa: Y015
+
+@_typing.final
+class ListConfigurationsResponse(_message.Message):
+    """Response for TenantService.ListConfigurations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIGURATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many values match."""
+    @_builtins.property
+    def configurations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Configuration]:
+        """The values of this page, by category then key."""
+
+    def __init__(
+        self,
+        *,
+        configurations: _abc.Iterable[Global___Configuration] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configurations", b"configurations", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConfigurationsResponse: _TypeAlias = ListConfigurationsResponse  # noqa: Y015
+
+@_typing.final
+class SystemMetadata(_message.Message):
+    """A platform or tenant setting kept by the platform, e.g. the password policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    METADATA_TYPE_FIELD_NUMBER: _builtins.int
+    METADATA_KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IS_SYSTEM_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The entry id (UUID)."""
+    tenant_id: _builtins.str
+    """The tenant (UUID) it applies to; empty for a global entry."""
+    metadata_type: _builtins.str
+    """The type, e.g. "system_config"; 1 to 100 characters of a-z, 0-9 and "_"."""
+    metadata_key: _builtins.str
+    """The key, e.g. "password_policy"; 1 to 200 characters of a-z, 0-9 and "_"."""
+    description: _builtins.str
+    """A description for people."""
+    is_system: _builtins.bool
+    """Whether the platform seeded it."""
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The value, any JSON value."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the entry was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the entry was last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        metadata_type: _builtins.str = ...,
+        metadata_key: _builtins.str = ...,
+        value: _struct_pb2.Value | None = ...,
+        description: _builtins.str = ...,
+        is_system: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "id", b"id", "is_system", b"is_system", "metadata_key", b"metadata_key", "metadata_type", b"metadata_type", "tenant_id", b"tenant_id", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SystemMetadata: _TypeAlias = SystemMetadata  # noqa: Y015
+
+@_typing.final
+class ListSystemMetadataRequest(_message.Message):
+    """Request for TenantService.ListSystemMetadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METADATA_TYPE_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    metadata_type: _builtins.str
+    """Only this type, when set."""
+    tenant_id: _builtins.str
+    """Platform admin only: the tenant whose entries to list beside the global ones."""
+    page_size: _builtins.int
+    """Page size; 50 when 0, at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        metadata_type: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata_type", b"metadata_type", "page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSystemMetadataRequest: _TypeAlias = ListSystemMetadataRequest  # noqa: Y015
+
+@_typing.final
+class ListSystemMetadataResponse(_message.Message):
+    """Response for TenantService.ListSystemMetadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYSTEM_METADATA_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many entries match."""
+    @_builtins.property
+    def system_metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___SystemMetadata]:
+        """The entries of this page: global first, then the tenant's, by type and key."""
+
+    def __init__(
+        self,
+        *,
+        system_metadata: _abc.Iterable[Global___SystemMetadata] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "system_metadata", b"system_metadata", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSystemMetadataResponse: _TypeAlias = ListSystemMetadataResponse  # noqa: Y015
+
+@_typing.final
+class SetSystemMetadataRequest(_message.Message):
+    """Request for TenantService.SetSystemMetadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYSTEM_METADATA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def system_metadata(self) -> Global___SystemMetadata:
+        """The entry to create or replace (by tenant_id, metadata_type and metadata_key)."""
+
+    def __init__(
+        self,
+        *,
+        system_metadata: Global___SystemMetadata | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["system_metadata", b"system_metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["system_metadata", b"system_metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSystemMetadataRequest: _TypeAlias = SetSystemMetadataRequest  # noqa: Y015
+
+@_typing.final
+class Shard(_message.Message):
+    """A PostgreSQL database holding the core-entity and custom-object data of some tenants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CORE_ENTITY_ADDRESS_FIELD_NUMBER: _builtins.int
+    CUSTOM_OBJECT_ADDRESS_FIELD_NUMBER: _builtins.int
+    DATABASE_URL_FIELD_NUMBER: _builtins.int
+    OWNER_DATABASE_URL_FIELD_NUMBER: _builtins.int
+    MAX_TENANTS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    DEDICATED_FIELD_NUMBER: _builtins.int
+    TENANT_COUNT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    HAS_DATABASE_URL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The shard id (UUID)."""
+    name: _builtins.str
+    """A unique name: 1 to 100 characters of a-z, 0-9 and "-"."""
+    core_entity_address: _builtins.str
+    """host:port of the shard's core-entity service."""
+    custom_object_address: _builtins.str
+    """host:port of the shard's custom-object service."""
+    database_url: _builtins.str
+    """PostgreSQL URL of the application role on the shard database; used for tenant moves.
+    Stored encrypted; never returned.
+    """
+    owner_database_url: _builtins.str
+    """PostgreSQL URL of the schema owner, used to run the shard's migrations. Stored
+    encrypted; never returned.
+    """
+    max_tenants: _builtins.int
+    """How many tenants it may hold; 1000 when 0."""
+    active: _builtins.bool
+    """Whether onboarding may place new tenants on it; set it on create to open the shard for
+    placement. Moves may target an inactive shard on purpose.
+    """
+    dedicated: _builtins.bool
+    """Whether it is reserved for one enterprise tenant."""
+    tenant_count: _builtins.int
+    """How many tenants it holds now."""
+    has_database_url: _builtins.bool
+    """Whether the directory holds its database URL (needed to move tenants on or off it)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        core_entity_address: _builtins.str = ...,
+        custom_object_address: _builtins.str = ...,
+        database_url: _builtins.str = ...,
+        owner_database_url: _builtins.str = ...,
+        max_tenants: _builtins.int = ...,
+        active: _builtins.bool = ...,
+        dedicated: _builtins.bool = ...,
+        tenant_count: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        has_database_url: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "core_entity_address", b"core_entity_address", "create_time", b"create_time", "custom_object_address", b"custom_object_address", "database_url", b"database_url", "dedicated", b"dedicated", "has_database_url", b"has_database_url", "id", b"id", "max_tenants", b"max_tenants", "name", b"name", "owner_database_url", b"owner_database_url", "tenant_count", b"tenant_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Shard: _TypeAlias = Shard  # noqa: Y015
+
+@_typing.final
+class CreateShardRequest(_message.Message):
+    """Request for TenantService.CreateShard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shard(self) -> Global___Shard:
+        """The shard to register."""
+
+    def __init__(
+        self,
+        *,
+        shard: Global___Shard | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateShardRequest: _TypeAlias = CreateShardRequest  # noqa: Y015
+
+@_typing.final
+class ListShardsRequest(_message.Message):
+    """Request for TenantService.ListShards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShardsRequest: _TypeAlias = ListShardsRequest  # noqa: Y015
+
+@_typing.final
+class ListShardsResponse(_message.Message):
+    """Response for TenantService.ListShards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Shard]:
+        """Every shard, by name."""
+
+    def __init__(
+        self,
+        *,
+        shards: _abc.Iterable[Global___Shard] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShardsResponse: _TypeAlias = ListShardsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateShardRequest(_message.Message):
+    """Request for TenantService.UpdateShard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shard(self) -> Global___Shard:
+        """The shard with id set and the fields to change."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: max_tenants, active, core_entity_address, custom_object_address,
+        database_url, owner_database_url.
+        """
+
+    def __init__(
+        self,
+        *,
+        shard: Global___Shard | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateShardRequest: _TypeAlias = UpdateShardRequest  # noqa: Y015
+
+@_typing.final
+class TenantMove(_message.Message):
+    """A move of one tenant's data from one shard to another."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_SHARD_ID_FIELD_NUMBER: _builtins.int
+    TARGET_SHARD_ID_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ROWS_COPIED_FIELD_NUMBER: _builtins.int
+    ROWS_TOTAL_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    WRITE_BLOCK_MS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    VERIFIED_TABLES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The move id (UUID)."""
+    tenant_id: _builtins.str
+    """The tenant (UUID)."""
+    source_shard_id: _builtins.str
+    """The shard the tenant lived on (UUID)."""
+    target_shard_id: _builtins.str
+    """The shard the tenant moves to (UUID)."""
+    phase: Global___TenantMovePhase.ValueType
+    """Where the move is."""
+    rows_copied: _builtins.int
+    """Rows copied so far, bulk and delta together."""
+    rows_total: _builtins.int
+    """Rows the tenant had when the bulk copy started."""
+    write_block_ms: _builtins.int
+    """How long the tenant's writes were blocked, in milliseconds."""
+    epoch: _builtins.int
+    """The tenant's directory epoch after the move."""
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What went wrong, when the move failed."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the move was started."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the move last changed phase."""
+
+    @_builtins.property
+    def verified_tables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Per-table verification results, "schema.table rows=N checksum=ok"."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        source_shard_id: _builtins.str = ...,
+        target_shard_id: _builtins.str = ...,
+        phase: Global___TenantMovePhase.ValueType = ...,
+        rows_copied: _builtins.int = ...,
+        rows_total: _builtins.int = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+        write_block_ms: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        verified_tables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "epoch", b"epoch", "errors", b"errors", "id", b"id", "phase", b"phase", "rows_copied", b"rows_copied", "rows_total", b"rows_total", "source_shard_id", b"source_shard_id", "target_shard_id", b"target_shard_id", "tenant_id", b"tenant_id", "update_time", b"update_time", "verified_tables", b"verified_tables", "write_block_ms", b"write_block_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantMove: _TypeAlias = TenantMove  # noqa: Y015
+
+@_typing.final
+class MoveTenantRequest(_message.Message):
+    """Request for TenantService.MoveTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    TARGET_SHARD_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant to move (UUID)."""
+    target_shard_id: _builtins.str
+    """The shard to move it to (UUID)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        target_shard_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target_shard_id", b"target_shard_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveTenantRequest: _TypeAlias = MoveTenantRequest  # noqa: Y015
+
+@_typing.final
+class GetTenantMoveRequest(_message.Message):
+    """Request for TenantService.GetTenantMove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The move id (UUID)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTenantMoveRequest: _TypeAlias = GetTenantMoveRequest  # noqa: Y015

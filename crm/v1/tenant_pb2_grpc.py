@@ -46,6 +46,111 @@ class TenantServiceStub:
                 request_serializer=crm_dot_v1_dot_tenant__pb2.GetTenantRequest.SerializeToString,
                 response_deserializer=crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/crm.v1.TenantService/ListTenants',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenant = channel.unary_unary(
+                '/crm.v1.TenantService/UpdateTenant',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/crm.v1.TenantService/DeleteTenant',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/crm.v1.TenantService/CreateUser',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.User.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/crm.v1.TenantService/ListUsers',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.UpdateUser = channel.unary_unary(
+                '/crm.v1.TenantService/UpdateUser',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.UpdateUserRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.User.FromString,
+                _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/crm.v1.TenantService/Authenticate',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.AuthenticateResponse.FromString,
+                _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/crm.v1.TenantService/Logout',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.LogoutResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/crm.v1.TenantService/CreateApiKey',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/crm.v1.TenantService/ListApiKeys',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/crm.v1.TenantService/RevokeApiKey',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.GetConfiguration = channel.unary_unary(
+                '/crm.v1.TenantService/GetConfiguration',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.GetConfigurationRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Configuration.FromString,
+                _registered_method=True)
+        self.SetConfiguration = channel.unary_unary(
+                '/crm.v1.TenantService/SetConfiguration',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.SetConfigurationRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Configuration.FromString,
+                _registered_method=True)
+        self.ListConfigurations = channel.unary_unary(
+                '/crm.v1.TenantService/ListConfigurations',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListConfigurationsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListConfigurationsResponse.FromString,
+                _registered_method=True)
+        self.ListSystemMetadata = channel.unary_unary(
+                '/crm.v1.TenantService/ListSystemMetadata',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListSystemMetadataRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListSystemMetadataResponse.FromString,
+                _registered_method=True)
+        self.SetSystemMetadata = channel.unary_unary(
+                '/crm.v1.TenantService/SetSystemMetadata',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.SetSystemMetadataRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.SystemMetadata.FromString,
+                _registered_method=True)
+        self.CreateShard = channel.unary_unary(
+                '/crm.v1.TenantService/CreateShard',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.CreateShardRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Shard.FromString,
+                _registered_method=True)
+        self.ListShards = channel.unary_unary(
+                '/crm.v1.TenantService/ListShards',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.ListShardsRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.ListShardsResponse.FromString,
+                _registered_method=True)
+        self.UpdateShard = channel.unary_unary(
+                '/crm.v1.TenantService/UpdateShard',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.UpdateShardRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.Shard.FromString,
+                _registered_method=True)
+        self.MoveTenant = channel.unary_unary(
+                '/crm.v1.TenantService/MoveTenant',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.MoveTenantRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.TenantMove.FromString,
+                _registered_method=True)
+        self.GetTenantMove = channel.unary_unary(
+                '/crm.v1.TenantService/GetTenantMove',
+                request_serializer=crm_dot_v1_dot_tenant__pb2.GetTenantMoveRequest.SerializeToString,
+                response_deserializer=crm_dot_v1_dot_tenant__pb2.TenantMove.FromString,
+                _registered_method=True)
 
 
 class TenantServiceServicer:
@@ -68,6 +173,158 @@ class TenantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTenants(self, request, context):
+        """Lists tenants with their shard (platform admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenant(self, request, context):
+        """Changes a tenant's name, plan, status or settings (platform admin). Suspending makes the
+        gateway refuse the tenant's data calls with FAILED_PRECONDITION; reactivating restores them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTenant(self, request, context):
+        """Deletes a tenant and purges its data from its shard (platform admin). Audit keeps the
+        deletion log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateUser(self, request, context):
+        """Adds a user to the caller's tenant (admin role).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Lists the caller's tenant's users.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateUser(self, request, context):
+        """Changes a user of the caller's tenant: names, role, active flag or password.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authenticate(self, request, context):
+        """Signs a user in with subdomain, e-mail and password and returns a session token. Five
+        failures in a row lock the account for 15 minutes. The gateway lets this call through
+        with any tenant credential; it does not need the user's own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Ends the calling session (a session token credential); the token stops working within
+        seconds. Recorded as a logout auth event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Creates an API key for the calling user; the key is shown once, only in the response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists the caller's tenant's API keys by prefix; secrets are never returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key; the gateway stops accepting it within seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConfiguration(self, request, context):
+        """Returns one configuration value of the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConfiguration(self, request, context):
+        """Creates or replaces one configuration value of the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConfigurations(self, request, context):
+        """Lists the caller's tenant's configuration values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSystemMetadata(self, request, context):
+        """Lists system metadata: the global entries and the caller's tenant's own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSystemMetadata(self, request, context):
+        """Creates or replaces a system metadata entry, global or for one tenant (platform admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateShard(self, request, context):
+        """Registers a shard, runs its migrations and makes it available for placement and routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShards(self, request, context):
+        """Lists shards with their tenant counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateShard(self, request, context):
+        """Changes a shard's capacity, active flag or addresses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveTenant(self, request, context):
+        """Starts moving a tenant to another shard online; returns the move, which runs on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenantMove(self, request, context):
+        """Reports a move's phase, rows copied and errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +337,111 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     servicer.GetTenant,
                     request_deserializer=crm_dot_v1_dot_tenant__pb2.GetTenantRequest.FromString,
                     response_serializer=crm_dot_v1_dot_tenant__pb2.Tenant.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListTenantsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Tenant.SerializeToString,
+            ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Tenant.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.CreateUserRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.User.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListUsersRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'UpdateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateUser,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.UpdateUserRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.User.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.AuthenticateRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.AuthenticateResponse.SerializeToString,
+            ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.LogoutRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.LogoutResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ApiKey.SerializeToString,
+            ),
+            'GetConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfiguration,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.GetConfigurationRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Configuration.SerializeToString,
+            ),
+            'SetConfiguration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConfiguration,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.SetConfigurationRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Configuration.SerializeToString,
+            ),
+            'ListConfigurations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConfigurations,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListConfigurationsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListConfigurationsResponse.SerializeToString,
+            ),
+            'ListSystemMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSystemMetadata,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListSystemMetadataRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListSystemMetadataResponse.SerializeToString,
+            ),
+            'SetSystemMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSystemMetadata,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.SetSystemMetadataRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.SystemMetadata.SerializeToString,
+            ),
+            'CreateShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateShard,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.CreateShardRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Shard.SerializeToString,
+            ),
+            'ListShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShards,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.ListShardsRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.ListShardsResponse.SerializeToString,
+            ),
+            'UpdateShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateShard,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.UpdateShardRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.Shard.SerializeToString,
+            ),
+            'MoveTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveTenant,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.MoveTenantRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.TenantMove.SerializeToString,
+            ),
+            'GetTenantMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantMove,
+                    request_deserializer=crm_dot_v1_dot_tenant__pb2.GetTenantMoveRequest.FromString,
+                    response_serializer=crm_dot_v1_dot_tenant__pb2.TenantMove.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +500,573 @@ class TenantService:
             '/crm.v1.TenantService/GetTenant',
             crm_dot_v1_dot_tenant__pb2.GetTenantRequest.SerializeToString,
             crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListTenants',
+            crm_dot_v1_dot_tenant__pb2.ListTenantsRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/UpdateTenant',
+            crm_dot_v1_dot_tenant__pb2.UpdateTenantRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/DeleteTenant',
+            crm_dot_v1_dot_tenant__pb2.DeleteTenantRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/CreateUser',
+            crm_dot_v1_dot_tenant__pb2.CreateUserRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListUsers',
+            crm_dot_v1_dot_tenant__pb2.ListUsersRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/UpdateUser',
+            crm_dot_v1_dot_tenant__pb2.UpdateUserRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/Authenticate',
+            crm_dot_v1_dot_tenant__pb2.AuthenticateRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.AuthenticateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/Logout',
+            crm_dot_v1_dot_tenant__pb2.LogoutRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/CreateApiKey',
+            crm_dot_v1_dot_tenant__pb2.CreateApiKeyRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListApiKeys',
+            crm_dot_v1_dot_tenant__pb2.ListApiKeysRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/RevokeApiKey',
+            crm_dot_v1_dot_tenant__pb2.RevokeApiKeyRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/GetConfiguration',
+            crm_dot_v1_dot_tenant__pb2.GetConfigurationRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Configuration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConfiguration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/SetConfiguration',
+            crm_dot_v1_dot_tenant__pb2.SetConfigurationRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Configuration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConfigurations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListConfigurations',
+            crm_dot_v1_dot_tenant__pb2.ListConfigurationsRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListConfigurationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSystemMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListSystemMetadata',
+            crm_dot_v1_dot_tenant__pb2.ListSystemMetadataRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListSystemMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSystemMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/SetSystemMetadata',
+            crm_dot_v1_dot_tenant__pb2.SetSystemMetadataRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.SystemMetadata.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/CreateShard',
+            crm_dot_v1_dot_tenant__pb2.CreateShardRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Shard.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/ListShards',
+            crm_dot_v1_dot_tenant__pb2.ListShardsRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.ListShardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/UpdateShard',
+            crm_dot_v1_dot_tenant__pb2.UpdateShardRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.Shard.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/MoveTenant',
+            crm_dot_v1_dot_tenant__pb2.MoveTenantRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.TenantMove.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.v1.TenantService/GetTenantMove',
+            crm_dot_v1_dot_tenant__pb2.GetTenantMoveRequest.SerializeToString,
+            crm_dot_v1_dot_tenant__pb2.TenantMove.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,57 @@ class TenantServiceStub:
     """
     GetTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.GetTenantRequest, _tenant_pb2.Tenant]
     """Returns one tenant. A tenant credential may read only its own tenant."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListTenantsRequest, _tenant_pb2.ListTenantsResponse]
+    """Lists tenants with their shard (platform admin)."""
+    UpdateTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.UpdateTenantRequest, _tenant_pb2.Tenant]
+    """Changes a tenant's name, plan, status or settings (platform admin). Suspending makes the
+    gateway refuse the tenant's data calls with FAILED_PRECONDITION; reactivating restores them.
+    """
+    DeleteTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.DeleteTenantRequest, _tenant_pb2.Tenant]
+    """Deletes a tenant and purges its data from its shard (platform admin). Audit keeps the
+    deletion log.
+    """
+    CreateUser: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.CreateUserRequest, _tenant_pb2.User]
+    """Adds a user to the caller's tenant (admin role)."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListUsersRequest, _tenant_pb2.ListUsersResponse]
+    """Lists the caller's tenant's users."""
+    UpdateUser: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.UpdateUserRequest, _tenant_pb2.User]
+    """Changes a user of the caller's tenant: names, role, active flag or password."""
+    Authenticate: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.AuthenticateRequest, _tenant_pb2.AuthenticateResponse]
+    """Signs a user in with subdomain, e-mail and password and returns a session token. Five
+    failures in a row lock the account for 15 minutes. The gateway lets this call through
+    with any tenant credential; it does not need the user's own.
+    """
+    Logout: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.LogoutRequest, _tenant_pb2.LogoutResponse]
+    """Ends the calling session (a session token credential); the token stops working within
+    seconds. Recorded as a logout auth event.
+    """
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.CreateApiKeyRequest, _tenant_pb2.CreateApiKeyResponse]
+    """Creates an API key for the calling user; the key is shown once, only in the response."""
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListApiKeysRequest, _tenant_pb2.ListApiKeysResponse]
+    """Lists the caller's tenant's API keys by prefix; secrets are never returned."""
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.RevokeApiKeyRequest, _tenant_pb2.ApiKey]
+    """Revokes an API key; the gateway stops accepting it within seconds."""
+    GetConfiguration: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.GetConfigurationRequest, _tenant_pb2.Configuration]
+    """Returns one configuration value of the caller's tenant."""
+    SetConfiguration: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.SetConfigurationRequest, _tenant_pb2.Configuration]
+    """Creates or replaces one configuration value of the caller's tenant."""
+    ListConfigurations: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListConfigurationsRequest, _tenant_pb2.ListConfigurationsResponse]
+    """Lists the caller's tenant's configuration values."""
+    ListSystemMetadata: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListSystemMetadataRequest, _tenant_pb2.ListSystemMetadataResponse]
+    """Lists system metadata: the global entries and the caller's tenant's own."""
+    SetSystemMetadata: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.SetSystemMetadataRequest, _tenant_pb2.SystemMetadata]
+    """Creates or replaces a system metadata entry, global or for one tenant (platform admin)."""
+    CreateShard: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.CreateShardRequest, _tenant_pb2.Shard]
+    """Registers a shard, runs its migrations and makes it available for placement and routing."""
+    ListShards: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.ListShardsRequest, _tenant_pb2.ListShardsResponse]
+    """Lists shards with their tenant counts."""
+    UpdateShard: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.UpdateShardRequest, _tenant_pb2.Shard]
+    """Changes a shard's capacity, active flag or addresses."""
+    MoveTenant: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.MoveTenantRequest, _tenant_pb2.TenantMove]
+    """Starts moving a tenant to another shard online; returns the move, which runs on."""
+    GetTenantMove: _grpc.UnaryUnaryMultiCallable[_tenant_pb2.GetTenantMoveRequest, _tenant_pb2.TenantMove]
+    """Reports a move's phase, rows copied and errors."""
 
 @_typing.type_check_only
 class TenantServiceAsyncStub(TenantServiceStub):
@@ -55,6 +106,57 @@ class TenantServiceAsyncStub(TenantServiceStub):
     """
     GetTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.GetTenantRequest, _tenant_pb2.Tenant]  # type: ignore[assignment]
     """Returns one tenant. A tenant credential may read only its own tenant."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListTenantsRequest, _tenant_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Lists tenants with their shard (platform admin)."""
+    UpdateTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.UpdateTenantRequest, _tenant_pb2.Tenant]  # type: ignore[assignment]
+    """Changes a tenant's name, plan, status or settings (platform admin). Suspending makes the
+    gateway refuse the tenant's data calls with FAILED_PRECONDITION; reactivating restores them.
+    """
+    DeleteTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.DeleteTenantRequest, _tenant_pb2.Tenant]  # type: ignore[assignment]
+    """Deletes a tenant and purges its data from its shard (platform admin). Audit keeps the
+    deletion log.
+    """
+    CreateUser: _aio.UnaryUnaryMultiCallable[_tenant_pb2.CreateUserRequest, _tenant_pb2.User]  # type: ignore[assignment]
+    """Adds a user to the caller's tenant (admin role)."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListUsersRequest, _tenant_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Lists the caller's tenant's users."""
+    UpdateUser: _aio.UnaryUnaryMultiCallable[_tenant_pb2.UpdateUserRequest, _tenant_pb2.User]  # type: ignore[assignment]
+    """Changes a user of the caller's tenant: names, role, active flag or password."""
+    Authenticate: _aio.UnaryUnaryMultiCallable[_tenant_pb2.AuthenticateRequest, _tenant_pb2.AuthenticateResponse]  # type: ignore[assignment]
+    """Signs a user in with subdomain, e-mail and password and returns a session token. Five
+    failures in a row lock the account for 15 minutes. The gateway lets this call through
+    with any tenant credential; it does not need the user's own.
+    """
+    Logout: _aio.UnaryUnaryMultiCallable[_tenant_pb2.LogoutRequest, _tenant_pb2.LogoutResponse]  # type: ignore[assignment]
+    """Ends the calling session (a session token credential); the token stops working within
+    seconds. Recorded as a logout auth event.
+    """
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_tenant_pb2.CreateApiKeyRequest, _tenant_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """Creates an API key for the calling user; the key is shown once, only in the response."""
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListApiKeysRequest, _tenant_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Lists the caller's tenant's API keys by prefix; secrets are never returned."""
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_tenant_pb2.RevokeApiKeyRequest, _tenant_pb2.ApiKey]  # type: ignore[assignment]
+    """Revokes an API key; the gateway stops accepting it within seconds."""
+    GetConfiguration: _aio.UnaryUnaryMultiCallable[_tenant_pb2.GetConfigurationRequest, _tenant_pb2.Configuration]  # type: ignore[assignment]
+    """Returns one configuration value of the caller's tenant."""
+    SetConfiguration: _aio.UnaryUnaryMultiCallable[_tenant_pb2.SetConfigurationRequest, _tenant_pb2.Configuration]  # type: ignore[assignment]
+    """Creates or replaces one configuration value of the caller's tenant."""
+    ListConfigurations: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListConfigurationsRequest, _tenant_pb2.ListConfigurationsResponse]  # type: ignore[assignment]
+    """Lists the caller's tenant's configuration values."""
+    ListSystemMetadata: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListSystemMetadataRequest, _tenant_pb2.ListSystemMetadataResponse]  # type: ignore[assignment]
+    """Lists system metadata: the global entries and the caller's tenant's own."""
+    SetSystemMetadata: _aio.UnaryUnaryMultiCallable[_tenant_pb2.SetSystemMetadataRequest, _tenant_pb2.SystemMetadata]  # type: ignore[assignment]
+    """Creates or replaces a system metadata entry, global or for one tenant (platform admin)."""
+    CreateShard: _aio.UnaryUnaryMultiCallable[_tenant_pb2.CreateShardRequest, _tenant_pb2.Shard]  # type: ignore[assignment]
+    """Registers a shard, runs its migrations and makes it available for placement and routing."""
+    ListShards: _aio.UnaryUnaryMultiCallable[_tenant_pb2.ListShardsRequest, _tenant_pb2.ListShardsResponse]  # type: ignore[assignment]
+    """Lists shards with their tenant counts."""
+    UpdateShard: _aio.UnaryUnaryMultiCallable[_tenant_pb2.UpdateShardRequest, _tenant_pb2.Shard]  # type: ignore[assignment]
+    """Changes a shard's capacity, active flag or addresses."""
+    MoveTenant: _aio.UnaryUnaryMultiCallable[_tenant_pb2.MoveTenantRequest, _tenant_pb2.TenantMove]  # type: ignore[assignment]
+    """Starts moving a tenant to another shard online; returns the move, which runs on."""
+    GetTenantMove: _aio.UnaryUnaryMultiCallable[_tenant_pb2.GetTenantMoveRequest, _tenant_pb2.TenantMove]  # type: ignore[assignment]
+    """Reports a move's phase, rows copied and errors."""
 
 class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants, their users, API keys, configuration and the shard directory. Platform-level calls
@@ -78,5 +180,182 @@ class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tenant_pb2.Tenant, _abc.Awaitable[_tenant_pb2.Tenant]]:
         """Returns one tenant. A tenant credential may read only its own tenant."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _tenant_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListTenantsResponse, _abc.Awaitable[_tenant_pb2.ListTenantsResponse]]:
+        """Lists tenants with their shard (platform admin)."""
+
+    @_abc_1.abstractmethod
+    def UpdateTenant(
+        self,
+        request: _tenant_pb2.UpdateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Tenant, _abc.Awaitable[_tenant_pb2.Tenant]]:
+        """Changes a tenant's name, plan, status or settings (platform admin). Suspending makes the
+        gateway refuse the tenant's data calls with FAILED_PRECONDITION; reactivating restores them.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTenant(
+        self,
+        request: _tenant_pb2.DeleteTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Tenant, _abc.Awaitable[_tenant_pb2.Tenant]]:
+        """Deletes a tenant and purges its data from its shard (platform admin). Audit keeps the
+        deletion log.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateUser(
+        self,
+        request: _tenant_pb2.CreateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.User, _abc.Awaitable[_tenant_pb2.User]]:
+        """Adds a user to the caller's tenant (admin role)."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _tenant_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListUsersResponse, _abc.Awaitable[_tenant_pb2.ListUsersResponse]]:
+        """Lists the caller's tenant's users."""
+
+    @_abc_1.abstractmethod
+    def UpdateUser(
+        self,
+        request: _tenant_pb2.UpdateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.User, _abc.Awaitable[_tenant_pb2.User]]:
+        """Changes a user of the caller's tenant: names, role, active flag or password."""
+
+    @_abc_1.abstractmethod
+    def Authenticate(
+        self,
+        request: _tenant_pb2.AuthenticateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.AuthenticateResponse, _abc.Awaitable[_tenant_pb2.AuthenticateResponse]]:
+        """Signs a user in with subdomain, e-mail and password and returns a session token. Five
+        failures in a row lock the account for 15 minutes. The gateway lets this call through
+        with any tenant credential; it does not need the user's own.
+        """
+
+    @_abc_1.abstractmethod
+    def Logout(
+        self,
+        request: _tenant_pb2.LogoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.LogoutResponse, _abc.Awaitable[_tenant_pb2.LogoutResponse]]:
+        """Ends the calling session (a session token credential); the token stops working within
+        seconds. Recorded as a logout auth event.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _tenant_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.CreateApiKeyResponse, _abc.Awaitable[_tenant_pb2.CreateApiKeyResponse]]:
+        """Creates an API key for the calling user; the key is shown once, only in the response."""
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _tenant_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListApiKeysResponse, _abc.Awaitable[_tenant_pb2.ListApiKeysResponse]]:
+        """Lists the caller's tenant's API keys by prefix; secrets are never returned."""
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _tenant_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ApiKey, _abc.Awaitable[_tenant_pb2.ApiKey]]:
+        """Revokes an API key; the gateway stops accepting it within seconds."""
+
+    @_abc_1.abstractmethod
+    def GetConfiguration(
+        self,
+        request: _tenant_pb2.GetConfigurationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Configuration, _abc.Awaitable[_tenant_pb2.Configuration]]:
+        """Returns one configuration value of the caller's tenant."""
+
+    @_abc_1.abstractmethod
+    def SetConfiguration(
+        self,
+        request: _tenant_pb2.SetConfigurationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Configuration, _abc.Awaitable[_tenant_pb2.Configuration]]:
+        """Creates or replaces one configuration value of the caller's tenant."""
+
+    @_abc_1.abstractmethod
+    def ListConfigurations(
+        self,
+        request: _tenant_pb2.ListConfigurationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListConfigurationsResponse, _abc.Awaitable[_tenant_pb2.ListConfigurationsResponse]]:
+        """Lists the caller's tenant's configuration values."""
+
+    @_abc_1.abstractmethod
+    def ListSystemMetadata(
+        self,
+        request: _tenant_pb2.ListSystemMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListSystemMetadataResponse, _abc.Awaitable[_tenant_pb2.ListSystemMetadataResponse]]:
+        """Lists system metadata: the global entries and the caller's tenant's own."""
+
+    @_abc_1.abstractmethod
+    def SetSystemMetadata(
+        self,
+        request: _tenant_pb2.SetSystemMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.SystemMetadata, _abc.Awaitable[_tenant_pb2.SystemMetadata]]:
+        """Creates or replaces a system metadata entry, global or for one tenant (platform admin)."""
+
+    @_abc_1.abstractmethod
+    def CreateShard(
+        self,
+        request: _tenant_pb2.CreateShardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Shard, _abc.Awaitable[_tenant_pb2.Shard]]:
+        """Registers a shard, runs its migrations and makes it available for placement and routing."""
+
+    @_abc_1.abstractmethod
+    def ListShards(
+        self,
+        request: _tenant_pb2.ListShardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.ListShardsResponse, _abc.Awaitable[_tenant_pb2.ListShardsResponse]]:
+        """Lists shards with their tenant counts."""
+
+    @_abc_1.abstractmethod
+    def UpdateShard(
+        self,
+        request: _tenant_pb2.UpdateShardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.Shard, _abc.Awaitable[_tenant_pb2.Shard]]:
+        """Changes a shard's capacity, active flag or addresses."""
+
+    @_abc_1.abstractmethod
+    def MoveTenant(
+        self,
+        request: _tenant_pb2.MoveTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.TenantMove, _abc.Awaitable[_tenant_pb2.TenantMove]]:
+        """Starts moving a tenant to another shard online; returns the move, which runs on."""
+
+    @_abc_1.abstractmethod
+    def GetTenantMove(
+        self,
+        request: _tenant_pb2.GetTenantMoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenant_pb2.TenantMove, _abc.Awaitable[_tenant_pb2.TenantMove]]:
+        """Reports a move's phase, rows copied and errors."""
 
 def add_TenantServiceServicer_to_server(servicer: TenantServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

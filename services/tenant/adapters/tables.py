@@ -30,6 +30,7 @@ tenants = Table(
     Column("settings", JSONB, nullable=False),
     Column("version", BigInteger, nullable=False),
     Column("create_request_id", Uuid),
+    Column("default_pipeline_id", Uuid),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
@@ -45,6 +46,8 @@ shards = Table(
     Column("is_active", Boolean, nullable=False),
     Column("is_dedicated", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("database_url_encrypted", Text),
+    Column("owner_database_url_encrypted", Text),
 )
 
 tenant_shards = Table(
@@ -97,4 +100,70 @@ api_key_directory = Table(
     metadata,
     Column("prefix", String(16), primary_key=True),
     Column("tenant_id", Uuid, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("user_id", Uuid, nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("salt", String(64), nullable=False),
+    Column("token_hash", String(128), nullable=False),
+    Column("ip_address", String(64)),
+    Column("user_agent", Text),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+tenant_configurations = Table(
+    "tenant_configurations",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("config_category", String(100), nullable=False),
+    Column("config_key", String(100), nullable=False),
+    Column("config_value", JSONB(none_as_null=True)),
+    Column("encrypted_value", Text),
+    Column("is_encrypted", Boolean, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+system_metadata = Table(
+    "system_metadata",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant_id", Uuid),
+    Column("metadata_type", String(100), nullable=False),
+    Column("metadata_key", String(200), nullable=False),
+    Column("metadata_value", JSONB, nullable=False),
+    Column("description", Text, nullable=False),
+    Column("is_system", Boolean, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", Uuid),
+    Column("updated_by", Uuid),
+)
+
+tenant_moves = Table(
+    "tenant_moves",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("source_shard_id", Uuid, nullable=False),
+    Column("target_shard_id", Uuid, nullable=False),
+    Column("phase", String(20), nullable=False),
+    Column("rows_copied", BigInteger, nullable=False),
+    Column("rows_total", BigInteger, nullable=False),
+    Column("errors", JSONB, nullable=False),
+    Column("verified_tables", JSONB, nullable=False),
+    Column("write_block_ms", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -59,3 +59,35 @@ def password_matches(password_hash: str, password: str) -> bool:
         return _password_hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+SESSION_SCHEME = "crms"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    plaintext: str
+    prefix: str
+    salt: str
+    token_hash: str
+
+
+def issue_session_token() -> IssuedSession:
+    """A session bearer `crms_<16 hex prefix>_<secret>`. The prefix is longer than an API key's
+    (12), so both kinds share one credential directory without colliding."""
+    prefix = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_hex(16)
+    return IssuedSession(f"{SESSION_SCHEME}_{prefix}_{secret}", prefix, salt, _hash_secret(salt, secret))
+
+
+def parse_session_token(credential: str) -> tuple[str, str] | None:
+    scheme, _, rest = credential.partition("_")
+    prefix, _, secret = rest.partition("_")
+    if scheme != SESSION_SCHEME or len(prefix) != 16 or not secret:
+        return None
+    return prefix, secret
+
+
+def token_matches(secret: str, salt: str, token_hash: str) -> bool:
+    return hmac.compare_digest(_hash_secret(salt, secret), token_hash)

@@ -63,3 +63,83 @@ def validate_password(password: str, field: str, policy: PasswordPolicy) -> list
     if problems:
         return [FieldViolation(field, "must contain " + ", ".join(problems))]
     return []
+
+
+USER_ROLES = ("admin", "member", "read_only")
+API_KEY_SCOPES = ("read", "write", "admin")
+# Scopes a session carries, by the user's role.
+ROLE_SCOPES = {"admin": ["read", "write", "admin"], "member": ["read", "write"], "read_only": ["read"]}
+CONFIG_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+SHARD_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9.\-_\[\]:]+:[0-9]{1,5}$")
+
+
+def password_policy_from(value: object) -> PasswordPolicy:
+    """The policy stored in system metadata (`system_config/password_policy`), with the seed's
+    key names; unknown or missing keys keep the defaults."""
+    if not isinstance(value, dict):
+        return PasswordPolicy()
+    defaults = PasswordPolicy()
+    return PasswordPolicy(
+        min_length=int(value.get("min_length", defaults.min_length)),
+        require_uppercase=bool(value.get("require_uppercase", defaults.require_uppercase)),
+        require_digit=bool(value.get("require_numbers", value.get("require_digit", defaults.require_digit))),
+        require_special=bool(value.get("require_special", defaults.require_special)),
+    )
+
+
+def validate_password_policy(value: object, field: str) -> list[FieldViolation]:
+    if not isinstance(value, dict):
+        return [FieldViolation(field, "must be an object with min_length and require_* flags")]
+    violations = []
+    min_length = value.get("min_length", 8)
+    if not isinstance(min_length, int | float) or int(min_length) != min_length or not 1 <= min_length <= 128:
+        violations.append(FieldViolation(f"{field}.min_length", "must be a whole number from 1 to 128"))
+    for flag in ("require_uppercase", "require_numbers", "require_digit", "require_special"):
+        if flag in value and not isinstance(value[flag], bool):
+            violations.append(FieldViolation(f"{field}.{flag}", "must be true or false"))
+    return violations
+
+
+def validate_name(value: str, field: str, max_length: int, pattern: re.Pattern[str]) -> list[FieldViolation]:
+    if not value:
+        return [FieldViolation(field, "is required")]
+    if len(value) > max_length:
+        return [FieldViolation(field, f"must be at most {max_length} characters")]
+    if not pattern.match(value):
+        return [FieldViolation(field, f"must match {pattern.pattern}")]
+    return []
+
+
+def validate_user_fields(email: str, first_name: str, last_name: str, role: str) -> list[FieldViolation]:
+    violations = validate_email(email, "user.email")
+    for field, value in (("user.first_name", first_name), ("user.last_name", last_name)):
+        if len(value) > 100:
+            violations.append(FieldViolation(field, "must be at most 100 characters"))
+    if role not in USER_ROLES:
+        violations.append(FieldViolation("user.role", "must be admin, member or read_only"))
+    return violations
+
+
+def validate_scopes(scopes: list[str], field: str) -> list[FieldViolation]:
+    unknown = sorted(set(scopes) - set(API_KEY_SCOPES))
+    if unknown:
+        return [FieldViolation(field, f"unknown scope(s) {unknown}; use read, write, admin")]
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class SignInOutcome:
+    """What a failed sign-in does to the account: the new failure count and the lock, if any."""
+
+    failed_count: int
+    lock: bool
+
+
+def after_failed_sign_in(failed_count: int, threshold: int) -> SignInOutcome:
+    """Counts one more failure in a row; reaching the threshold locks the account and starts the
+    count again, so the user gets a full set of attempts once the lock expires."""
+    count = failed_count + 1
+    if count >= threshold:
+        return SignInOutcome(failed_count=0, lock=True)
+    return SignInOutcome(failed_count=count, lock=False)
