@@ -10,6 +10,7 @@ once the stream has acknowledged them.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.db import asyncpg_dsn, identifier
 from shared.events import build_change_event, change_subject
 from shared.logging import get_logger
+from shared.observability import OUTBOX_PUBLISHED, inject_headers
 
 log = get_logger(__name__)
 
@@ -40,6 +42,11 @@ def outbox_ddl(schema: str) -> list[str]:
     ]
 
 
+def outbox_headers_ddl(schema: str) -> list[str]:
+    """Event headers (the trace context) travel with the outbox row to the NATS message."""
+    return [f"ALTER TABLE {identifier(schema)}.outbox ADD COLUMN IF NOT EXISTS headers jsonb"]
+
+
 def notify_channel(schema: str) -> str:
     return f"{identifier(schema)}_outbox"
 
@@ -47,15 +54,30 @@ def notify_channel(schema: str) -> str:
 async def add_to_outbox(
     session: AsyncSession, schema: str, subject: str, event_id: str, event: Message
 ) -> None:
-    """Adds an event to the caller's open transaction; it is published only if that commits."""
+    """Adds an event to the caller's open transaction; it is published only if that commits.
+    The current trace context goes with it, so the consumer's span joins the writer's trace."""
+    headers = inject_headers({})
     await session.execute(
         text(
-            f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload) VALUES (:id, :subject, :payload)"
+            f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload, headers) "
+            "VALUES (:id, :subject, :payload, CAST(:headers AS jsonb))"
         ),
-        {"id": uuid.UUID(event_id), "subject": subject, "payload": event.SerializeToString()},
+        {
+            "id": uuid.UUID(event_id),
+            "subject": subject,
+            "payload": event.SerializeToString(),
+            "headers": json.dumps(headers) if headers else None,
+        },
     )
     # NOTIFY is delivered at commit, waking the relay without polling latency.
     await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(schema)})
+
+
+def _stored_headers(stored: str | None) -> dict[str, str]:
+    if not stored:
+        return {}
+    decoded = json.loads(stored)
+    return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
 
 
 class JetStreamProvider(Protocol):
@@ -133,7 +155,7 @@ class OutboxRelay:
         """Publishes one batch; returns how many rows it published and removed."""
         async with conn.transaction():
             rows = await conn.fetch(
-                f"SELECT id, subject, payload FROM {self._schema}.outbox "
+                f"SELECT id, subject, payload, headers FROM {self._schema}.outbox "
                 "ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self._batch_size,
             )
@@ -146,7 +168,7 @@ class OutboxRelay:
                         row["subject"],
                         bytes(row["payload"]),
                         timeout=self._publish_timeout,
-                        headers={"Nats-Msg-Id": str(row["id"])},
+                        headers={**_stored_headers(row["headers"]), "Nats-Msg-Id": str(row["id"])},
                     )
                     for row in rows
                 )
@@ -155,6 +177,7 @@ class OutboxRelay:
                 f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::uuid[])", [row["id"] for row in rows]
             )
         self.published_total += len(rows)
+        OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows)
 
 

@@ -69,3 +69,36 @@ async def test_one_trace_spans_gateway_and_backend(
             return
         await asyncio.sleep(0.3)
     raise AssertionError(f"no tenant-service span under a gateway span; saw {len(otlp.snapshot())} spans")
+
+
+async def test_the_trace_continues_through_events_into_the_audit_ingest(
+    suite: Stack, gateway: grpc.aio.Channel, otlp: OtlpReceiver
+) -> None:
+    call = tenant_pb2_grpc.TenantServiceStub(gateway).CreateTenant(
+        tenant_pb2.CreateTenantRequest(
+            tenant=tenant_pb2.Tenant(name="Traced", subdomain=f"t-{time.time_ns()}"),
+            admin_email="admin@example.com",
+            admin_password="Sup3rSecret",
+        ),
+        metadata=bearer(suite.platform_admin_key),
+        timeout=30,
+    )
+    await call
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = otlp.snapshot()
+        gateway_traces = {
+            s.trace_id
+            for s in spans
+            if s.service == "crm-gateway" and s.name == "/crm.v1.TenantService/CreateTenant"
+        }
+        ingested = {
+            s.trace_id for s in spans if s.service == "crm-audit" and s.name.startswith("audit ingest")
+        }
+        if gateway_traces & ingested:
+            break
+        await asyncio.sleep(0.3)
+    else:
+        raise AssertionError("no audit ingest span joined a CreateTenant trace")
+    audit_metrics = await asyncio.to_thread(scrape, suite, "audit")
+    assert "crm_audit_consumer_pending" in audit_metrics and "crm_audit_ingested_total" in audit_metrics

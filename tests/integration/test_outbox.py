@@ -17,7 +17,7 @@ from sqlalchemy import text
 from crm.v1 import events_pb2
 from shared import events
 from shared.db import UnitOfWork, asyncpg_dsn, create_engine, schema_setup_statements, session_factory
-from shared.outbox import OutboxRelay, add_to_outbox, outbox_ddl
+from shared.outbox import OutboxRelay, add_to_outbox, outbox_ddl, outbox_headers_ddl
 from shared.provisioning import Roles, drop_database, dsn_for, ensure_database, ensure_roles
 from tests.backends import Backends
 
@@ -39,7 +39,11 @@ async def scratch(backends: Backends) -> AsyncIterator[Scratch]:
     owner = dsn_for(backends.database_url, database, roles.owner, roles.owner_password)
     conn = await asyncpg.connect(asyncpg_dsn(owner))
     try:
-        for statement in [*schema_setup_statements("scratch", roles.app), *outbox_ddl("scratch")]:
+        for statement in [
+            *schema_setup_statements("scratch", roles.app),
+            *outbox_ddl("scratch"),
+            *outbox_headers_ddl("scratch"),
+        ]:
             await conn.execute(statement)
     finally:
         await conn.close()

@@ -15,6 +15,7 @@ event is dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -37,6 +38,9 @@ from services.audit.adapters.store import (
 )
 from shared.events import STREAM_NAME
 from shared.logging import get_logger
+from shared.observability import AUDIT_CONSUMER_PENDING, AUDIT_INGESTED, server_span
+
+LAG_SAMPLE_SECONDS = 5.0
 
 log = get_logger(__name__)
 
@@ -112,7 +116,14 @@ class StreamIngest(Generic[Row]):
         subscription = await js.pull_subscribe(
             self.kind.subjects, durable=self.durable, stream=STREAM_NAME, config=self._config()
         )
+        lag_sampled = 0.0
         while True:
+            if self.kind is CHANGES and time.monotonic() - lag_sampled > LAG_SAMPLE_SECONDS:
+                lag_sampled = time.monotonic()
+                try:
+                    AUDIT_CONSUMER_PENDING.set((await subscription.consumer_info()).num_pending or 0)
+                except Exception as exc:  # a metric must never stop ingest
+                    log.debug("could not sample consumer lag", error=str(exc))
             try:
                 messages = await subscription.fetch(self._batch_size, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -165,8 +176,12 @@ class StreamIngest(Generic[Row]):
                 await message.nak(delay=1.0)
             return
         for message in good:
+            # The event's headers carry the writer's trace context: the ingest joins its trace.
+            with server_span(f"audit ingest {self.kind.name}", dict(message.headers or {})) as span:
+                span.set_attribute("messaging.batch.message_count", len(good))
             await message.ack()
         self.ingested_total += len(rows)
+        AUDIT_INGESTED.inc(len(rows))
 
     async def _write_one_by_one(self, js: JetStreamContext, rows: list[Row], messages: list[Msg]) -> None:
         for row, message in zip(rows, messages, strict=True):
