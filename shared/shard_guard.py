@@ -19,9 +19,12 @@ once, which succeeds as soon as the move has flipped the directory.
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.context import current_call
 from shared.errors import Unavailable
 
 MEMBERSHIP_TABLE = "shard.tenants"
@@ -72,3 +75,28 @@ async def check_membership(session: AsyncSession, tenant_id: str, epoch: int | N
     result = await session.execute(_WRITE_SQL if is_write else _READ_SQL, {"tenant": tenant_id})
     found = result.first()
     decide((int(found[0]), str(found[1])) if found is not None else None, epoch, is_write)
+
+
+RECHECK_SECONDS = 10.0
+
+
+class MembershipGuard:
+    """The guard in front of every transaction of a shard backend. The membership table belongs
+    to the tenant service, which creates it when it provisions the shard; until it exists (a
+    database provisioned without it) the guard stands aside and looks again every few seconds."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._present = False
+        self._checked_at = float("-inf")
+
+    async def __call__(self, session: AsyncSession, tenant_id: str, is_write: bool) -> None:
+        if not self._enabled:
+            return
+        if not self._present and time.monotonic() - self._checked_at > RECHECK_SECONDS:
+            self._present = bool(
+                await session.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": MEMBERSHIP_TABLE})
+            )
+            self._checked_at = time.monotonic()
+        if self._present:
+            await check_membership(session, tenant_id, current_call().shard_epoch, is_write)

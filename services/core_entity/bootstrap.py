@@ -13,7 +13,6 @@ from nats.aio.msg import Msg
 from crm.v1 import core_entity_pb2, core_entity_pb2_grpc, data_admin_pb2_grpc, events_pb2
 from services.core_entity import SCHEMA, SERVICE
 from services.core_entity.adapters.custom_object_client import GrpcDefinitionSource
-from services.core_entity.adapters.membership import MembershipGuard
 from services.core_entity.entrypoints import grpc_api
 from services.core_entity.entrypoints.imports import ImportServicer
 from services.core_entity.service_layer.custom_fields import CustomFields, DefinitionSource, NoDefinitions
@@ -23,6 +22,7 @@ from shared.config import ShardServiceSettings
 from shared.events import control_subject
 from shared.grpc_server import ServiceApp
 from shared.runtime import DatabaseRuntime
+from shared.shard_guard import MembershipGuard
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICE_NAMES = [

@@ -12,20 +12,22 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from crm.v1 import custom_object_pb2, custom_object_pb2_grpc
+from crm.v1 import custom_object_pb2, custom_object_pb2_grpc, data_admin_pb2_grpc
 from services.custom_object import SCHEMA, SERVICE
 from services.custom_object.adapters.core_entities import CoreEntityClient, CoreRecords
 from services.custom_object.adapters.indexes import IndexBuilder, IndexKeeper
-from services.custom_object.adapters.membership import MembershipGuard
 from services.custom_object.adapters.usage import UsageTracker
 from services.custom_object.entrypoints.consumer import CoreDeletionConsumer
+from services.custom_object.entrypoints.data_admin_api import DataAdminServicer
 from services.custom_object.entrypoints.grpc_api import CustomObjectServicer
+from services.custom_object.service_layer.data_admin import DataAdmin
 from services.custom_object.service_layer.definitions import DefinitionUseCases
 from services.custom_object.service_layer.records import RecordUseCases
 from shared.config import ShardServiceSettings
 from shared.db import asyncpg_dsn
 from shared.grpc_server import ServiceApp
 from shared.runtime import DatabaseRuntime
+from shared.shard_guard import MembershipGuard
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: Seconds between flushes of the in-memory field usage counts.
@@ -65,6 +67,11 @@ def build_app(settings: ShardServiceSettings, core_records: CoreRecords | None =
         built.append(records)
         servicer = CustomObjectServicer(DefinitionUseCases(sessions, indexes, usage, guard, keeper), records)
         custom_object_pb2_grpc.add_CustomObjectServiceServicer_to_server(servicer, server)
+        # Internal (the audit service's restore, retention and erasure); not in service_names,
+        # as the gateway never routes it.
+        data_admin_pb2_grpc.add_DataAdminServiceServicer_to_server(
+            DataAdminServicer(DataAdmin(sessions, core, usage, guard, keeper)), server
+        )
 
     deletions = CoreDeletionConsumer(
         lambda: built[0],

@@ -22,6 +22,7 @@ class FakeMessage:
     data: bytes
     subject: str = "crm.events.t.s.contacts.INSERT"
     outcome: str = ""
+    headers: dict[str, str] | None = None
 
     async def ack(self) -> None:
         self.outcome = "ack"

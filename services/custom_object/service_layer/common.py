@@ -22,7 +22,7 @@ from shared.events import control_subject, timestamp_now
 from shared.fieldtypes import CORE_OBJECT_TYPES, FieldDefinition, PicklistOption
 from shared.outbox import add_to_outbox, record_change
 
-#: Checks, inside a transaction, that this shard serves the tenant (see adapters/membership.py).
+#: Checks, inside a transaction, that this shard serves the tenant (shared.shard_guard.MembershipGuard).
 Guard = Callable[[AsyncSession, str, bool], Awaitable[None]]
 
 
