@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from structlog.contextvars import bound_contextvars
 
 from shared import context as callctx
 from shared.config import CommonSettings
@@ -166,7 +167,11 @@ def _wrap_handler(
         token = callctx.set_call(ctx)
         started = time.perf_counter()
         code = "OK"
-        with server_span(method, _text_metadata(context)) as span:
+        # Every log line written during the call carries its request id and tenant.
+        with (
+            server_span(method, _text_metadata(context)) as span,
+            bound_contextvars(request_id=ctx.request_id, tenant_id=ctx.tenant_id or "", method=method),
+        ):
             try:
                 return await behavior(request, context)
             except _PASS_THROUGH:
@@ -187,7 +192,11 @@ def _wrap_handler(
         token = callctx.set_call(ctx)
         started = time.perf_counter()
         code = "OK"
-        with server_span(method, _text_metadata(context)) as span:
+        # Every log line written during the call carries its request id and tenant.
+        with (
+            server_span(method, _text_metadata(context)) as span,
+            bound_contextvars(request_id=ctx.request_id, tenant_id=ctx.tenant_id or "", method=method),
+        ):
             try:
                 async for item in behavior(request, context):
                     yield item

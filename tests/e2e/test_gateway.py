@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -321,3 +322,44 @@ async def test_grpcurl_style_calls_work_from_reflection_alone(suite: Stack) -> N
 
     printed = await asyncio.to_thread(run)
     assert '"apiKey": "crm_' in printed and '"subdomain": "t-' in printed
+
+
+async def test_a_stale_route_is_refreshed_and_the_call_retried_once(
+    suite: Stack, gateway: grpc.aio.Channel
+) -> None:
+    """A move flips the tenant's epoch; a gateway still holding the old route is refused by the
+    shard guard (STALE_SHARD_EPOCH), refreshes the route and lands the call on the retry."""
+    import asyncpg
+
+    from shared.db import asyncpg_dsn
+
+    created = await create_tenant(gateway, suite.platform_admin_key)
+    list_accounts = gateway.unary_unary("/crm.v1.AccountService/ListAccounts")
+    await list_accounts(b"", metadata=bearer(created.api_key), timeout=10)  # the route is now cached
+    status = await gateway_pb2_grpc.GatewayServiceStub(gateway).GetGatewayStatus(
+        gateway_pb2.GetGatewayStatusRequest(), metadata=bearer(suite.platform_admin_key)
+    )
+    shard = next(b.shard_name for b in status.backends if b.shard_id == created.tenant.shard_id)
+
+    def as_admin(database: str) -> str:
+        return asyncpg_dsn(suite.admin_dsn).rsplit("/", 1)[0] + f"/{database}"
+
+    async def bump(database: str, sql: str) -> None:
+        conn = await asyncpg.connect(as_admin(database))
+        try:
+            assert await conn.execute(sql, uuid.UUID(created.tenant.id)) == "UPDATE 1"
+        finally:
+            await conn.close()
+
+    # The shard moves on to an epoch the directory does not know yet: every route is stale, so
+    # even the retry is refused, retryably.
+    shard_sql = "UPDATE shard.tenants SET epoch = epoch + 1 WHERE tenant_id = $1"
+    await bump(suite.database(shard.replace("-", "_")), shard_sql)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await list_accounts(b"", metadata=bearer(created.api_key), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    # The directory flips too, without the control event that would drop the cached route at
+    # once: the cached route is stale, the call is refused, the route refreshed, the retry lands.
+    directory_sql = "UPDATE tenant.tenant_shards SET epoch = epoch + 1 WHERE tenant_id = $1"
+    await bump(suite.database("directory"), directory_sql)
+    await list_accounts(b"", metadata=bearer(created.api_key), timeout=10)

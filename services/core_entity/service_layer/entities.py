@@ -306,9 +306,17 @@ class CoreEntities:
             raise not_found(spec, record_id, field)
 
     async def check(
-        self, tx: Tx, spec: EntitySpec, record: dict[str, Any], old: Row | None, prefix: str
+        self,
+        tx: Tx,
+        spec: EntitySpec,
+        record: dict[str, Any],
+        old: Row | None,
+        prefix: str,
+        *,
+        check_email: bool = True,
     ) -> None:
-        """The rules that need the database; may also fill values derived from other rows."""
+        """The rules that need the database; may also fill values derived from other rows.
+        Imports check e-mail uniqueness for a whole batch at once (`existing_emails`)."""
 
         def moved(column: str) -> bool:
             return record.get(column) is not None and (old is None or old.get(column) != record.get(column))
@@ -326,7 +334,7 @@ class CoreEntities:
             if moved("account_id"):
                 await self._require(tx, model.ACCOUNT, record["account_id"], f"{prefix}.account_id")
             email = record.get("email")
-            if email and (old is None or (old.get("email") or "").lower() != email.lower()):
+            if check_email and email and (old is None or (old.get("email") or "").lower() != email.lower()):
                 await self._refuse_duplicate_email(tx, email, record.get("id"), prefix)
         elif spec is model.DEAL:
             await self._check_deal(tx, record, old, prefix)
@@ -402,13 +410,33 @@ class CoreEntities:
 
     async def _refuse_duplicate_email(self, tx: Tx, email: str, own_id: Any, prefix: str) -> None:
         c = tables.contacts.c
+        # `email IS NOT NULL` matches the partial unique index's predicate, so it can be used.
         stmt = select(c.id).where(
-            c.tenant_id == tx.tenant_id, func.lower(c.email) == email.lower(), c.deleted_at.is_(None)
+            c.tenant_id == tx.tenant_id,
+            c.email.is_not(None),
+            func.lower(c.email) == email.lower(),
+            c.deleted_at.is_(None),
         )
         if own_id is not None:
             stmt = stmt.where(c.id != own_id)
         if (await tx.session.execute(stmt.limit(1))).first() is not None:
             raise AlreadyExists(f"{prefix}.email: another contact already has this e-mail address")
+
+    async def existing_emails(self, tx: Tx, emails: list[str]) -> set[str]:
+        """Which of these (lower-cased) e-mail addresses live contacts already use: one query for
+        an import batch instead of one per row, which made large imports quadratic."""
+        if not emails:
+            return set()
+        c = tables.contacts.c
+        found = await tx.session.scalars(
+            select(func.lower(c.email)).where(
+                c.tenant_id == tx.tenant_id,
+                c.email.is_not(None),
+                c.deleted_at.is_(None),
+                func.lower(c.email).in_(emails),
+            )
+        )
+        return set(found)
 
     async def _refuse_second_default(self, tx: Tx, prefix: str) -> None:
         p = tables.pipelines.c

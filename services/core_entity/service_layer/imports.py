@@ -277,6 +277,16 @@ class Importer:
                     if value is not None:
                         seen_unique[(name, json.dumps(value))] = index
                 valid.append((index, record))
+            if spec is model.CONTACT:
+                taken = await self._entities.existing_emails(
+                    tx, [record["email"].lower() for _, record in valid if record.get("email")]
+                )
+                for index, record in valid:
+                    if (record.get("email") or "").lower() in taken:
+                        result.errors[index] = [
+                            FieldViolation("email", "another contact already has this e-mail address")
+                        ]
+                valid = [(index, record) for index, record in valid if index not in result.errors]
             if use_copy:
                 written = await self._copy(tx, spec, [record for _, record in valid])
             else:
@@ -337,7 +347,7 @@ class Importer:
             violations += bad
         if violations:
             raise InvalidArgument(violations)
-        await self._entities.check(tx, spec, record, None, ROW)
+        await self._entities.check(tx, spec, record, None, ROW, check_email=False)
         return record
 
     async def _copy(self, tx: Tx, spec: EntitySpec, records: list[dict[str, Any]]) -> list[Row]:
