@@ -2784,11 +2784,13 @@ class ImportRecordsResponse(_message.Message):
     """Rows refused."""
     @_builtins.property
     def row_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportRowError]:
-        """The refused rows, by index."""
+        """The refused rows, by index; at most the first 10,000 (error_count is exact)."""
 
     @_builtins.property
     def record_ids(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
-        """The ids of the records created, by row index of the successful rows."""
+        """The ids of the records created, by row index of the successful rows; at most 10,000 of
+        them (success_count is exact), so a large import's reply stays within message limits.
+        """
 
     def __init__(
         self,

@@ -24,6 +24,8 @@ ENTITY_TYPES = {
 }
 # Rows written per transaction (and COPY); a stream message with more is split.
 BATCH_ROWS = 500
+#: Rows listed in an import's reply (ids of created records, refused rows); the counts are exact.
+MAX_LISTED = 10_000
 
 
 def entity_spec(value: int, field: str = "entity_type") -> EntitySpec:
@@ -44,6 +46,7 @@ class ImportServicer(pb_grpc.ImportServiceServicer):
         import_id: uuid.UUID | None = None
         response = pb.ImportRecordsResponse()
         index = 0
+        successes = errors_seen = 0
         async for message in request_iterator:
             if spec is None or import_id is None:
                 violations = []
@@ -63,9 +66,16 @@ class ImportServicer(pb_grpc.ImportServiceServicer):
             index += len(rows)
             for start in range(0, len(rows), BATCH_ROWS):
                 result = await self._importer.import_batch(spec, import_id, rows[start : start + BATCH_ROWS])
+                successes += len(result.record_ids)
+                errors_seen += len(result.errors)
+                # The reply lists at most MAX_LISTED rows of each kind, so that a 200,000-row
+                # import does not answer with a message larger than gRPC accepts.
                 for row_index, record_id in result.record_ids.items():
-                    response.record_ids[row_index] = record_id
+                    if len(response.record_ids) < MAX_LISTED:
+                        response.record_ids[row_index] = record_id
                 for row_index, errors in sorted(result.errors.items()):
+                    if len(response.row_errors) >= MAX_LISTED:
+                        break
                     response.row_errors.add(
                         row_index=row_index,
                         errors=[
@@ -74,8 +84,8 @@ class ImportServicer(pb_grpc.ImportServiceServicer):
                     )
         if spec is None:
             raise InvalidArgument([FieldViolation("import_id", "the stream sent no message")])
-        response.success_count = len(response.record_ids)
-        response.error_count = len(response.row_errors)
+        response.success_count = successes
+        response.error_count = errors_seen
         return response
 
     async def ExportRecords(
