@@ -74,8 +74,8 @@ async def _grpc_worker(spec: LoadSpec, result: LoadResult, deadline: float, pace
                 result.latencies.append(time.perf_counter() - started)
                 if (
                     spec.kind == "grpc_create_contact"
-                    and len(result.ids) < 2000
-                    and len(result.latencies) % 5 == 0
+                    and len(result.ids) < 200_000
+                    and len(result.latencies) % (1 if spec.params.get("record_all_ids") else 5) == 0
                 ):
                     result.ids.append((time.time(), core_entity_pb2.Contact.FromString(reply).id))
             except grpc.aio.AioRpcError as exc:
