@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -157,8 +157,3 @@ async def assert_safe_app_role(dsn: str, schemas: Sequence[str]) -> None:
             )
     finally:
         await conn.close()
-
-
-async def fetch_scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
-    async with engine.connect() as conn:
-        return (await conn.execute(text(sql), params)).scalar()

@@ -64,7 +64,3 @@ async def drop_database(admin_dsn: str, database: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {identifier(database)} WITH (FORCE)")
     finally:
         await conn.close()
-
-
-def host_of(dsn: str) -> str:
-    return urlsplit(asyncpg_dsn(dsn)).hostname or ""

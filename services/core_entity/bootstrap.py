@@ -16,9 +16,11 @@ from services.core_entity.adapters.custom_object_client import GrpcDefinitionSou
 from services.core_entity.entrypoints import grpc_api
 from services.core_entity.entrypoints.imports import ImportServicer
 from services.core_entity.service_layer.custom_fields import CustomFields, DefinitionSource, NoDefinitions
+from services.core_entity.service_layer.data_admin import DataAdmin
 from services.core_entity.service_layer.entities import CoreEntities
 from services.core_entity.settings import CoreEntitySettings
 from shared.config import ShardServiceSettings
+from shared.data_admin import DataAdminServicer
 from shared.events import control_subject
 from shared.grpc_server import ServiceApp
 from shared.runtime import DatabaseRuntime
@@ -95,7 +97,7 @@ def build_app(settings: ShardServiceSettings, definitions: DefinitionSource | No
         )
         core_entity_pb2_grpc.add_ImportServiceServicer_to_server(ImportServicer(entities), server)
         data_admin_pb2_grpc.add_DataAdminServiceServicer_to_server(
-            grpc_api.DataAdminServicer(entities), server
+            DataAdminServicer(DataAdmin(entities)), server
         )
 
     app.startup.append(subscribe_to_definition_changes)

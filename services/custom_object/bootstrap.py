@@ -18,12 +18,12 @@ from services.custom_object.adapters.core_entities import CoreEntityClient, Core
 from services.custom_object.adapters.indexes import IndexBuilder, IndexKeeper
 from services.custom_object.adapters.usage import UsageTracker
 from services.custom_object.entrypoints.consumer import CoreDeletionConsumer
-from services.custom_object.entrypoints.data_admin_api import DataAdminServicer
 from services.custom_object.entrypoints.grpc_api import CustomObjectServicer
 from services.custom_object.service_layer.data_admin import DataAdmin
 from services.custom_object.service_layer.definitions import DefinitionUseCases
 from services.custom_object.service_layer.records import RecordUseCases
 from shared.config import ShardServiceSettings
+from shared.data_admin import DataAdminServicer
 from shared.db import asyncpg_dsn
 from shared.grpc_server import ServiceApp
 from shared.runtime import DatabaseRuntime

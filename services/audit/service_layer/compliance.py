@@ -15,6 +15,7 @@ from services.audit.service_layer.db import (
     Violations,
     Where,
     caller_tenant,
+    fetch_page,
     keyset_after,
     page_of,
     tenant_transaction,
@@ -342,18 +343,9 @@ async def list_consents(
     if kind:
         where.bind("consent_type = {}", kind)
     fingerprint = paging.query_fingerprint("consents", contact_id, lead_id, kind)
-    keyset_after(where, page_token, fingerprint, "consent_date")
-    limit = where.next_param(size + 1)
-    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
-        rows = [
-            dict(row)
-            for row in await conn.fetch(
-                f"SELECT * FROM audit.consent_records WHERE {where.sql()} "
-                f"ORDER BY consent_date DESC, id DESC LIMIT {limit}",
-                *where.params,
-            )
-        ]
-    return page_of(rows, size, fingerprint, "consent_date")
+    return await fetch_page(
+        pool, tenant_id, "audit.consent_records", where, page_token, fingerprint, "consent_date", size
+    )
 
 
 # --- retention policies -------------------------------------------------------------------------
@@ -484,15 +476,6 @@ async def list_deletion_logs(
     if table:
         where.bind("table_name = {}", table)
     fingerprint = paging.query_fingerprint("deletions", table)
-    keyset_after(where, page_token, fingerprint, "deleted_at")
-    limit = where.next_param(size + 1)
-    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
-        rows = [
-            dict(row)
-            for row in await conn.fetch(
-                f"SELECT * FROM audit.data_deletion_logs WHERE {where.sql()} "
-                f"ORDER BY deleted_at DESC, id DESC LIMIT {limit}",
-                *where.params,
-            )
-        ]
-    return page_of(rows, size, fingerprint, "deleted_at")
+    return await fetch_page(
+        pool, tenant_id, "audit.data_deletion_logs", where, page_token, fingerprint, "deleted_at", size
+    )

@@ -118,3 +118,23 @@ def page_of(
     rows = rows[:size]
     last = rows[-1]
     return rows, paging.encode_token([last[time_column].isoformat(), str(last["id"])], fingerprint)
+
+
+async def fetch_page(
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    relation: str,
+    where: Where,
+    page_token: str,
+    fingerprint: str,
+    time_column: str,
+    size: int,
+) -> tuple[list[dict[str, Any]], str]:
+    """One newest-first page of a tenant's rows, keyset-paged on (time, id). `relation` is a
+    fixed table name or union chosen by the caller, never client text."""
+    keyset_after(where, page_token, fingerprint, time_column)
+    limit = where.next_param(size + 1)
+    sql = f"SELECT * FROM {relation} WHERE {where.sql()} ORDER BY {time_column} DESC, id DESC LIMIT {limit}"
+    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
+        rows = [dict(row) for row in await conn.fetch(sql, *where.params)]
+    return page_of(rows, size, fingerprint, time_column)

@@ -16,6 +16,7 @@ from services.audit.service_layer.db import (
     Violations,
     Where,
     caller_tenant,
+    fetch_page,
     keyset_after,
     page_of,
     tenant_transaction,
@@ -84,15 +85,16 @@ async def list_audit_logs(pool: asyncpg.Pool, query: AuditLogQuery) -> tuple[lis
         query.end_time,
         query.include_archive,
     )
-    keyset_after(where, query.page_token, fingerprint, "changed_at")
-    limit = where.next_param(size + 1)
-    sql = (
-        f"SELECT * FROM {_logs(query.include_archive)} WHERE {where.sql()} "
-        f"ORDER BY changed_at DESC, id DESC LIMIT {limit}"
+    return await fetch_page(
+        pool,
+        tenant_id,
+        _logs(query.include_archive),
+        where,
+        query.page_token,
+        fingerprint,
+        "changed_at",
+        size,
     )
-    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
-        rows = [dict(row) for row in await conn.fetch(sql, *where.params)]
-    return page_of(rows, size, fingerprint, "changed_at")
 
 
 def _record_key(table_name: str, record_id: str) -> tuple[str, uuid.UUID]:
@@ -265,18 +267,9 @@ async def list_auth_events(pool: asyncpg.Pool, query: AuthQuery) -> tuple[list[d
     fingerprint = paging.query_fingerprint(
         "auth", query.failures_only, query.user_id, query.event_type, query.start_time, query.end_time
     )
-    keyset_after(where, query.page_token, fingerprint, "created_at")
-    limit = where.next_param(size + 1)
-    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
-        rows = [
-            dict(row)
-            for row in await conn.fetch(
-                f"SELECT * FROM audit.auth_audit_logs WHERE {where.sql()} "
-                f"ORDER BY created_at DESC, id DESC LIMIT {limit}",
-                *where.params,
-            )
-        ]
-    return page_of(rows, size, fingerprint, "created_at")
+    return await fetch_page(
+        pool, tenant_id, "audit.auth_audit_logs", where, query.page_token, fingerprint, "created_at", size
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,18 +306,9 @@ async def list_api_calls(pool: asyncpg.Pool, query: ApiCallQuery) -> tuple[list[
     fingerprint = paging.query_fingerprint(
         "api", query.errors_only, endpoint, query.user_id, query.start_time, query.end_time
     )
-    keyset_after(where, query.page_token, fingerprint, "created_at")
-    limit = where.next_param(size + 1)
-    async with tenant_transaction(pool, tenant_id, readonly=True) as conn:
-        rows = [
-            dict(row)
-            for row in await conn.fetch(
-                f"SELECT * FROM audit.api_audit_logs WHERE {where.sql()} "
-                f"ORDER BY created_at DESC, id DESC LIMIT {limit}",
-                *where.params,
-            )
-        ]
-    return page_of(rows, size, fingerprint, "created_at")
+    return await fetch_page(
+        pool, tenant_id, "audit.api_audit_logs", where, query.page_token, fingerprint, "created_at", size
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,11 @@ from google.protobuf.message import Message
 
 from crm.v1 import core_entity_pb2 as pb
 from crm.v1 import core_entity_pb2_grpc as pb_grpc
-from crm.v1 import data_admin_pb2, data_admin_pb2_grpc
 from services.core_entity.domain import model
 from services.core_entity.domain.model import EntitySpec
 from services.core_entity.entrypoints import codec
-from services.core_entity.service_layer.data_admin import DataAdmin
 from services.core_entity.service_layer.entities import CoreEntities, PipelineView
 from services.core_entity.service_layer.listing import ListQuery
-from shared import protoconv
 from shared.errors import FieldViolation, InvalidArgument
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -386,68 +383,3 @@ class ActivityServicer(pb_grpc.ActivityServiceServicer):
 
     async def UndeleteActivity(self, request: pb.UndeleteActivityRequest, context: Context) -> Any:
         return await self._r.undelete(request)
-
-
-class DataAdminServicer(data_admin_pb2_grpc.DataAdminServiceServicer):
-    """Internal: called by the audit service with the internal credential, never routed by the
-    gateway."""
-
-    def __init__(self, entities: CoreEntities) -> None:
-        self._admin = DataAdmin(entities)
-
-    async def RestoreRecord(
-        self, request: data_admin_pb2.RestoreRecordRequest, context: Context
-    ) -> data_admin_pb2.RestoreRecordResponse:
-        version = await self._admin.restore(
-            request.table_name,
-            require_id(request.record_id, "record_id"),
-            request.values_json,
-            request.expected_version,
-            request.force,
-        )
-        return data_admin_pb2.RestoreRecordResponse(new_version=version)
-
-    async def PurgeRecords(
-        self, request: data_admin_pb2.PurgeRecordsRequest, context: Context
-    ) -> data_admin_pb2.PurgeRecordsResponse:
-        if request.method not in (
-            data_admin_pb2.PURGE_METHOD_SOFT_DELETE,
-            data_admin_pb2.PURGE_METHOD_HARD_DELETE,
-        ):
-            raise InvalidArgument([FieldViolation("method", "must be soft or hard delete")])
-        ids = await self._admin.purge(
-            request.table_name,
-            protoconv.from_timestamp(request.older_than) if request.HasField("older_than") else None,
-            request.conditions_json,
-            hard=request.method == data_admin_pb2.PURGE_METHOD_HARD_DELETE,
-        )
-        return data_admin_pb2.PurgeRecordsResponse(affected_count=len(ids), record_ids=ids)
-
-    async def AnonymizeRecords(
-        self, request: data_admin_pb2.AnonymizeRecordsRequest, context: Context
-    ) -> data_admin_pb2.AnonymizeRecordsResponse:
-        ids = await self._admin.anonymize(
-            request.table_name,
-            protoconv.from_timestamp(request.older_than) if request.HasField("older_than") else None,
-            request.conditions_json,
-        )
-        return data_admin_pb2.AnonymizeRecordsResponse(affected_count=len(ids), record_ids=ids)
-
-    async def EraseSubject(
-        self, request: data_admin_pb2.EraseSubjectRequest, context: Context
-    ) -> data_admin_pb2.EraseSubjectResponse:
-        violations: list[FieldViolation] = []
-        contact_id = codec.parse_uuid(request.contact_id.strip(), "contact_id", violations)
-        lead_id = codec.parse_uuid(request.lead_id.strip(), "lead_id", violations)
-        if violations:
-            raise InvalidArgument(violations)
-        erased = await self._admin.erase_subject(request.email.strip(), contact_id, lead_id)
-        return data_admin_pb2.EraseSubjectResponse(
-            counts=[data_admin_pb2.TableCount(table_name=t, count=n) for t, n in erased.counts.items()],
-            records=[data_admin_pb2.RecordRef(table_name=t, record_id=i) for t, i in erased.records],
-        )
-
-    async def CountRecords(
-        self, request: data_admin_pb2.CountRecordsRequest, context: Context
-    ) -> data_admin_pb2.CountRecordsResponse:
-        return data_admin_pb2.CountRecordsResponse(count=await self._admin.count(request.table_name))
