@@ -5,6 +5,10 @@ Tenant scoping happens in one place: `UnitOfWork` calls `set_config('app.current
 ..., true)` at the start of each transaction, so the setting dies with the transaction and can
 never leak to the next user of a pooled connection. Policies read it with NULLIF(..., '') because
 it reads back as '' (not NULL) once a transaction that set it has ended: no tenant, zero rows.
+
+Hot paths run their statements on the transaction's asyncpg connection (`UnitOfWork.conn`) with
+asyncpg's prepared statements: measured here, SQLAlchemy's execution layer costs about 0.5 ms of
+CPU per statement and the driver about 0.1 ms, on the same pooled connection and transaction.
 """
 
 from __future__ import annotations
@@ -12,11 +16,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import asyncpg
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 TENANT_SETTING = "app.current_tenant_id"
@@ -50,8 +53,10 @@ def create_engine(dsn: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         sqlalchemy_url(dsn),
         pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
+        max_overflow=pool_size // 2,
+        # No pre-ping: it costs three round trips (BEGIN, ping, ROLLBACK) per checkout. A
+        # connection the server dropped fails its statement, SQLAlchemy invalidates the pool and
+        # the call answers UNAVAILABLE, which clients retry.
         # Transaction-scoped settings only; a session-level SET would leak across the pool.
         connect_args={"server_settings": {"application_name": "crm"}},
     )
@@ -72,18 +77,24 @@ class UnitOfWork:
         self.tenant_id = tenant_id
         self._committed = False
         self.session: AsyncSession
+        self.conn: asyncpg.Connection
 
     async def __aenter__(self) -> Self:
         self.session = self._sessions()
-        await self.session.begin()
-        if self.tenant_id is not None:
-            await set_tenant(self.session, self.tenant_id)
+        try:
+            await self.session.begin()
+            self.conn = await driver_connection(self.session)
+            if self.tenant_id is not None:
+                await self.conn.execute(SET_TENANT_SQL, TENANT_SETTING, self.tenant_id)
+        except BaseException:
+            await self.session.close()
+            raise
         return self
 
     async def set_tenant(self, tenant_id: str) -> None:
         """Switches the transaction to another tenant (onboarding writes the new tenant's rows)."""
         self.tenant_id = tenant_id
-        await set_tenant(self.session, tenant_id)
+        await self.conn.execute(SET_TENANT_SQL, TENANT_SETTING, tenant_id)
 
     async def commit(self) -> None:
         await self.session.commit()
@@ -99,10 +110,21 @@ class UnitOfWork:
             await self.session.close()
 
 
-async def set_tenant(session: AsyncSession, tenant_id: str) -> None:
-    await session.execute(
-        text("SELECT set_config(:name, :value, true)"), {"name": TENANT_SETTING, "value": tenant_id}
-    )
+SET_TENANT_SQL = "SELECT set_config($1, $2, true)"
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under the session's open transaction, for hot-path statements."""
+    connection = await session.connection()
+    pooled = await connection.get_raw_connection()
+    adapted: Any = pooled.dbapi_connection
+    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before its own first statement; a
+    # statement sent to the driver before that would run outside the transaction, and a
+    # transaction-scoped setting such as the tenant would be gone when it ends.
+    if adapted._transaction is None:
+        await adapted._start_transaction()
+    driver: asyncpg.Connection = pooled.driver_connection
+    return driver
 
 
 def rls_statements(schema: str, table: str) -> list[str]:

@@ -10,6 +10,7 @@ once the stream has acknowledged them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,10 +19,9 @@ from typing import Any, Protocol
 import asyncpg
 from google.protobuf.message import Message
 from nats.js import JetStreamContext
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import asyncpg_dsn, identifier
+from shared.db import asyncpg_dsn, driver_connection, identifier
 from shared.events import build_change_event, change_subject
 from shared.logging import get_logger
 from shared.observability import OUTBOX_PUBLISHED, inject_headers
@@ -55,22 +55,27 @@ async def add_to_outbox(
     session: AsyncSession, schema: str, subject: str, event_id: str, event: Message
 ) -> None:
     """Adds an event to the caller's open transaction; it is published only if that commits.
-    The current trace context goes with it, so the consumer's span joins the writer's trace."""
+    The current trace context goes with it, so the consumer's span joins the writer's trace.
+    NOTIFY (delivered at commit) wakes the relay without polling latency; it rides in the same
+    statement, on the driver, because every write of every service comes through here."""
     headers = inject_headers({})
-    await session.execute(
-        text(
-            f"INSERT INTO {identifier(schema)}.outbox (id, subject, payload, headers) "
-            "VALUES (:id, :subject, :payload, CAST(:headers AS jsonb))"
-        ),
-        {
-            "id": uuid.UUID(event_id),
-            "subject": subject,
-            "payload": event.SerializeToString(),
-            "headers": json.dumps(headers) if headers else None,
-        },
+    conn = await driver_connection(session)
+    await conn.execute(
+        _outbox_insert_sql(schema),
+        uuid.UUID(event_id),
+        subject,
+        event.SerializeToString(),
+        json.dumps(headers) if headers else None,
+        notify_channel(schema),
     )
-    # NOTIFY is delivered at commit, waking the relay without polling latency.
-    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": notify_channel(schema)})
+
+
+@functools.cache
+def _outbox_insert_sql(schema: str) -> str:
+    return (
+        f"WITH added AS (INSERT INTO {identifier(schema)}.outbox (id, subject, payload, headers) "
+        "VALUES ($1, $2, $3, $4::jsonb) RETURNING 1) SELECT pg_notify($5, '') FROM added"
+    )
 
 
 def _stored_headers(stored: str | None) -> dict[str, str]:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.context import current_call
+from shared.db import driver_connection
 from shared.errors import Unavailable
 
 MEMBERSHIP_TABLE = "shard.tenants"
@@ -34,10 +34,8 @@ BLOCKED = "blocked"
 INCOMING = "incoming"
 MOVED_OUT = "moved_out"
 
-_READ_SQL = text(f"SELECT epoch, state FROM {MEMBERSHIP_TABLE} WHERE tenant_id = CAST(:tenant AS uuid)")
-_WRITE_SQL = text(
-    f"SELECT epoch, state FROM {MEMBERSHIP_TABLE} WHERE tenant_id = CAST(:tenant AS uuid) FOR SHARE"
-)
+_READ_SQL = f"SELECT epoch, state FROM {MEMBERSHIP_TABLE} WHERE tenant_id = $1::uuid"
+_WRITE_SQL = f"{_READ_SQL} FOR SHARE"
 
 
 class TenantNotServed(Unavailable):
@@ -72,8 +70,9 @@ def decide(row: tuple[int, str] | None, epoch: int | None, is_write: bool) -> No
 async def check_membership(session: AsyncSession, tenant_id: str, epoch: int | None, is_write: bool) -> None:
     """Raises `Unavailable` unless this shard serves `tenant_id` at `epoch` (and accepts its
     writes, for a write). Must run inside the caller's transaction, after the tenant is set."""
-    result = await session.execute(_WRITE_SQL if is_write else _READ_SQL, {"tenant": tenant_id})
-    found = result.first()
+    # On the driver: this runs at the start of every transaction (see shared.db).
+    conn = await driver_connection(session)
+    found = await conn.fetchrow(_WRITE_SQL if is_write else _READ_SQL, tenant_id)
     decide((int(found[0]), str(found[1])) if found is not None else None, epoch, is_write)
 
 
@@ -94,9 +93,8 @@ class MembershipGuard:
         if not self._enabled:
             return
         if not self._present and time.monotonic() - self._checked_at > RECHECK_SECONDS:
-            self._present = bool(
-                await session.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": MEMBERSHIP_TABLE})
-            )
+            conn = await driver_connection(session)
+            self._present = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", MEMBERSHIP_TABLE))
             self._checked_at = time.monotonic()
         if self._present:
             await check_membership(session, tenant_id, current_call().shard_epoch, is_write)

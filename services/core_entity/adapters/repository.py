@@ -5,12 +5,16 @@ row-level security; repositories never commit."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, func, insert, select, update
+import asyncpg
+from sqlalchemy import Table, and_, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.core_entity import SCHEMA, SERVICE
@@ -39,12 +43,43 @@ Row = dict[str, Any]
 
 @dataclass
 class Tx:
-    """One transaction of one tenant: the session, who acts, and one clock for every row."""
+    """One transaction of one tenant: the session, who acts, one clock for every row, and the
+    transaction's asyncpg connection for the hot paths (single-row insert and load)."""
 
     session: AsyncSession
     tenant_id: uuid.UUID
     actor: uuid.UUID
     now: dt.datetime
+    conn: asyncpg.Connection
+
+
+class UniqueViolation(Exception):
+    """An insert hit a unique index; `constraint` names it, for the caller to name the field."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+@functools.cache
+def _json_columns(table_name: str) -> frozenset[str]:
+    return frozenset(c.name for c in TABLES[table_name].columns if isinstance(c.type, JSONB))
+
+
+@functools.cache
+def _insert_sql(table_name: str, columns: tuple[str, ...]) -> str:
+    # Column names come from the table model, never from a caller's input.
+    json_columns = _json_columns(table_name)
+    values = ", ".join(
+        f"${i}::jsonb" if column in json_columns else f"${i}" for i, column in enumerate(columns, 1)
+    )
+    return f"INSERT INTO {SCHEMA}.{table_name} ({', '.join(columns)}) VALUES ({values}) RETURNING *"
+
+
+@functools.cache
+def _load_sql(table_name: str, live_only: bool) -> str:
+    live = " AND deleted_at IS NULL" if live_only else ""
+    return f"SELECT * FROM {SCHEMA}.{table_name} WHERE tenant_id = $1 AND id = $2{live}"
 
 
 def table_of(spec: EntitySpec) -> Table:
@@ -63,14 +98,9 @@ async def load(
     for_update: bool = False,
     include_deleted: bool = False,
 ) -> Row | None:
-    table = table_of(spec)
-    stmt = select(table).where(table.c.tenant_id == tx.tenant_id, table.c.id == record_id)
-    if spec.soft_delete and not include_deleted:
-        stmt = stmt.where(table.c.deleted_at.is_(None))
-    if for_update:
-        stmt = stmt.with_for_update()
-    found = (await tx.session.execute(stmt)).mappings().first()
-    return as_row(found) if found is not None else None
+    sql = _load_sql(spec.table, spec.soft_delete and not include_deleted)
+    found = await tx.conn.fetchrow(f"{sql} FOR UPDATE" if for_update else sql, tx.tenant_id, record_id)
+    return dict(found.items()) if found is not None else None
 
 
 async def exists(tx: Tx, spec: EntitySpec, record_id: uuid.UUID) -> bool:
@@ -103,7 +133,8 @@ async def publish(
 
 
 async def insert_row(tx: Tx, spec: EntitySpec, values: Mapping[str, Any]) -> Row:
-    table = table_of(spec)
+    """Inserts one record and its INSERT event. A unique index refusing the row raises
+    `UniqueViolation` (the transaction is then aborted: the caller answers and rolls back)."""
     row = {
         **values,
         "id": values.get("id") or uuid.uuid4(),
@@ -114,8 +145,20 @@ async def insert_row(tx: Tx, spec: EntitySpec, values: Mapping[str, Any]) -> Row
         "created_by": tx.actor,
         "updated_by": tx.actor,
     }
-    stored = (await tx.session.execute(insert(table).values(row).returning(table))).mappings().one()
-    new = as_row(stored)
+    columns = tuple(row)
+    unknown = set(columns) - set(TABLES[spec.table].c.keys())
+    if unknown:
+        raise ValueError(f"not columns of {spec.table}: {sorted(unknown)}")
+    json_columns = _json_columns(spec.table)
+    try:
+        stored = await tx.conn.fetchrow(
+            _insert_sql(spec.table, columns),
+            *(json.dumps(row[c]) if c in json_columns and row[c] is not None else row[c] for c in columns),
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise UniqueViolation(exc.constraint_name or "") from exc
+    assert stored is not None
+    new = dict(stored.items())
     await publish(tx, spec, "INSERT", None, new)
     return new
 

@@ -47,6 +47,11 @@ DEFAULT_CURRENCIES = ("USD",)
 MAX_HIERARCHY_DEPTH = 50
 
 
+#: The partial unique index on (tenant_id, lower(email)) of live contacts (migration 0002).
+CONTACT_EMAIL_INDEX = "idx_contacts_email_tenant"
+DUPLICATE_EMAIL = "another contact already has this e-mail address"
+
+
 class RuleViolation(FailedPrecondition):
     """A business precondition broken by one field, with a `PreconditionFailure` naming it."""
 
@@ -157,7 +162,7 @@ class CoreEntities:
         async with UnitOfWork(self._sessions, tenant_id) as uow:
             if self._guard is not None:
                 await self._guard(uow.session, tenant_id, write)
-            yield uow, Tx(uow.session, uuid.UUID(tenant_id), actor, dt.datetime.now(dt.UTC))
+            yield uow, Tx(uow.session, uuid.UUID(tenant_id), actor, dt.datetime.now(dt.UTC), uow.conn)
 
     async def custom_types(self, spec: EntitySpec) -> dict[str, str]:
         """Field types for rendering and filtering. Reads degrade rather than fail while the
@@ -201,8 +206,14 @@ class CoreEntities:
             record["custom_fields"] = cleaned
             violations += bad
         raise_if(violations)
-        await self.check(tx, spec, record, None, prefix)
-        return await repo.insert_row(tx, spec, record)
+        # A new contact's e-mail is left to the unique index: one statement fewer per create.
+        await self.check(tx, spec, record, None, prefix, check_email=False)
+        try:
+            return await repo.insert_row(tx, spec, record)
+        except repo.UniqueViolation as exc:
+            if exc.constraint == CONTACT_EMAIL_INDEX:
+                raise AlreadyExists(f"{prefix}.email: {DUPLICATE_EMAIL}") from exc
+            raise
 
     async def get(self, spec: EntitySpec, record_id: uuid.UUID) -> Row:
         async with self.transaction(write=False) as (_, tx):
@@ -316,7 +327,8 @@ class CoreEntities:
         check_email: bool = True,
     ) -> None:
         """The rules that need the database; may also fill values derived from other rows.
-        Imports check e-mail uniqueness for a whole batch at once (`existing_emails`)."""
+        Creates leave e-mail uniqueness to the unique index and imports check it for a whole
+        batch at once (`existing_emails`); updates check it here."""
 
         def moved(column: str) -> bool:
             return record.get(column) is not None and (old is None or old.get(column) != record.get(column))
@@ -420,7 +432,7 @@ class CoreEntities:
         if own_id is not None:
             stmt = stmt.where(c.id != own_id)
         if (await tx.session.execute(stmt.limit(1))).first() is not None:
-            raise AlreadyExists(f"{prefix}.email: another contact already has this e-mail address")
+            raise AlreadyExists(f"{prefix}.email: {DUPLICATE_EMAIL}")
 
     async def existing_emails(self, tx: Tx, emails: list[str]) -> set[str]:
         """Which of these (lower-cased) e-mail addresses live contacts already use: one query for
