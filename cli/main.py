@@ -93,6 +93,21 @@ def migrate(service: ServiceName) -> None:
     console.print(f"{service.value}: migrated to head")
 
 
+@app.command("trust-readers")
+def trust_readers(
+    admin_url: Annotated[str, typer.Option(envvar="CRM_ADMIN_DATABASE_URL", help="a superuser's URL")],
+    database: Annotated[str, typer.Option(help="the shard database")],
+) -> None:
+    """Mark the custom-field readers LEAKPROOF in a shard database (a superuser's step, after
+    `crm migrate` of core-entity and custom-object), so filters on custom fields use their
+    indexes under row-level security."""
+    from cli.stack import field_reader_functions
+    from shared.provisioning import trust_field_readers
+
+    marked = asyncio.run(trust_field_readers(admin_url, database, field_reader_functions()))
+    console.print(f"{database}: {len(marked)} readers marked LEAKPROOF")
+
+
 @app.command()
 def up(
     home: HOME_OPTION = Path(".crm"),

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from cryptography.fernet import Fernet
 
 from cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port, new_secret, port_is_free
 from shared.healthcheck import check
-from shared.provisioning import Roles, dsn_for, ensure_database, ensure_roles
+from shared.provisioning import Roles, dsn_for, ensure_database, ensure_roles, trust_field_readers
 
 SERVICE_ORDER = ("tenant", "audit", "core-entity", "custom-object", "gateway")
 
@@ -299,9 +300,22 @@ class Stack:
         self.plan_services()
         try:
             self.start_services()
+            asyncio.run(self.trust_field_readers())
         except BaseException:
             self.stop()
             raise
+
+    async def trust_field_readers(self) -> None:
+        """As the server's admin, once the services have migrated: filters on custom fields may
+        then use their indexes under row-level security (docs/custom-objects.md)."""
+        readers = field_reader_functions()
+        for i in range(self.shards):
+            try:
+                await trust_field_readers(self.admin_dsn, self.database(f"shard_{i}"), readers)
+            except asyncpg.InsufficientPrivilegeError:
+                # An existing server administered by a non-superuser: filters still work, they
+                # just read the tenant's rows instead of the index.
+                return
 
     def restart_service(self, name: str, sig: int = signal.SIGTERM) -> None:
         service = self.services[name]
@@ -321,6 +335,14 @@ class Stack:
             self.state.pop(key, None)
         if self.state:
             self._save_state()
+
+
+def field_reader_functions() -> list[str]:
+    """Both shard services' typed custom-field readers, as `schema.name`."""
+    from services.core_entity.adapters.indexes import READER_FUNCTIONS as CORE_READERS
+    from services.custom_object.adapters.indexes import READER_FUNCTIONS as CUSTOM_READERS
+
+    return [f"core.{name}" for name in CORE_READERS] + [f"custom.{name}" for name in CUSTOM_READERS]
 
 
 def stop_recorded(home: Path, timeout: float = 30) -> list[str]:

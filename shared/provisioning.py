@@ -7,6 +7,7 @@ connect as, owns nothing, so forced row-level security applies to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -64,3 +65,28 @@ async def drop_database(admin_dsn: str, database: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {identifier(database)} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+async def trust_field_readers(admin_dsn: str, database: str, functions: Iterable[str]) -> list[str]:
+    """Marks the services' typed custom-field readers (`schema.name(jsonb, text)`) LEAKPROOF in
+    one database, so row-level security lets filters on custom fields use their expression
+    indexes. Only a superuser may do it; it is safe because the readers never raise and return
+    nothing but their result. Returns the functions marked (those not created yet are skipped)."""
+    conn = await asyncpg.connect(asyncpg_dsn(dsn_for_database(admin_dsn, database)))
+    marked = []
+    try:
+        for function in functions:
+            schema, _, name = function.partition(".")
+            signature = f"{identifier(schema)}.{identifier(name)}(jsonb, text)"
+            if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", signature):
+                await conn.execute(f"ALTER FUNCTION {signature} LEAKPROOF")
+                marked.append(function)
+    finally:
+        await conn.close()
+    return marked
+
+
+def dsn_for_database(dsn: str, database: str) -> str:
+    """The same server and credentials, another database."""
+    parts = urlsplit(asyncpg_dsn(dsn))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{identifier(database)}", parts.query, ""))

@@ -1,6 +1,7 @@
 """Wires the core-entity service of one shard: database runtime and outbox relay, the custom
 field definitions (read from the shard's custom-object service, dropped on definition-change
-events), the use cases and the servicers."""
+events), the custom field index keeper (builds as the schema owner, for CREATE INDEX
+CONCURRENTLY), the use cases and the servicers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nats.aio.msg import Msg
 from crm.v1 import core_entity_pb2, core_entity_pb2_grpc, data_admin_pb2_grpc, events_pb2
 from services.core_entity import SCHEMA, SERVICE
 from services.core_entity.adapters.custom_object_client import GrpcDefinitionSource
+from services.core_entity.adapters.indexes import IndexBuilder, IndexKeeper
 from services.core_entity.entrypoints import grpc_api
 from services.core_entity.entrypoints.imports import ImportServicer
 from services.core_entity.service_layer.custom_fields import CustomFields, DefinitionSource, NoDefinitions
@@ -55,7 +57,14 @@ def build_app(settings: ShardServiceSettings, definitions: DefinitionSource | No
         if own.custom_object_address
         else NoDefinitions()
     )
-    custom_fields = CustomFields(source, ttl_seconds=own.custom_field_cache_seconds)
+    # The app role owns no table and cannot create indexes (by design); the builder connects
+    # with the owner DSN, the one migrations use.
+    keeper = IndexKeeper(
+        IndexBuilder(own.db_owner_url.get_secret_value(), own.custom_field_index_timeout_seconds)
+        if own.custom_field_indexes
+        else None
+    )
+    custom_fields = CustomFields(source, ttl_seconds=own.custom_field_cache_seconds, indexes=keeper)
 
     async def on_definition_change(message: Msg) -> None:
         event = events_pb2.ControlEvent()
@@ -103,4 +112,6 @@ def build_app(settings: ShardServiceSettings, definitions: DefinitionSource | No
     app.startup.append(subscribe_to_definition_changes)
     app.registrars.append(register)
     app.shutdown.insert(0, close_source)
+    # Before the runtime's own shutdown; a build cut short is redone by a later process.
+    app.shutdown.insert(0, keeper.close)
     return app

@@ -15,6 +15,11 @@ class CoreEntitySettings(ShardServiceSettings):
     custom_field_cache_seconds: float = 300.0
     #: Check the shard membership table (shard.tenants) on every call when it exists.
     shard_membership_check: bool = True
+    #: Build the indexes of `is_indexed` and `is_unique` custom fields (as the schema owner,
+    #: `db_owner_url`, in the background). Off: lists on custom fields read the tenant's rows.
+    custom_field_indexes: bool = True
+    #: Statement timeout of one index build, in seconds (a build reads the whole table).
+    custom_field_index_timeout_seconds: float = 1800.0
 
     @classmethod
     def from_shard(cls, settings: ShardServiceSettings) -> CoreEntitySettings:

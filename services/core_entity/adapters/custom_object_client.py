@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from crm.v1 import custom_object_pb2, custom_object_pb2_grpc
+from services.core_entity.adapters.indexes import IndexedFieldDefinition
 from shared import fieldtypes
 from shared.context import INTERNAL_TOKEN_KEY, REQUEST_ID_KEY, TENANT_ID_KEY, current_call
 from shared.errors import Unavailable
@@ -29,7 +30,7 @@ _RULE_FIELDS = (
 )
 
 
-def definition_from(message: custom_object_pb2.CustomField) -> FieldDefinition:
+def definition_from(message: custom_object_pb2.CustomField) -> IndexedFieldDefinition:
     rules: dict[str, Any] = {
         name: getattr(message.validation_rules, name)
         for name in _RULE_FIELDS
@@ -38,7 +39,7 @@ def definition_from(message: custom_object_pb2.CustomField) -> FieldDefinition:
     default = (
         fieldtypes.from_field_value(message.default_value) if message.HasField("default_value") else None
     )
-    return FieldDefinition(
+    return IndexedFieldDefinition(
         name=message.field_name,
         field_type=message.field_type,
         required=message.is_required,
@@ -53,6 +54,8 @@ def definition_from(message: custom_object_pb2.CustomField) -> FieldDefinition:
         ),
         reference_to=message.reference_object_type or None,
         is_active=message.is_active,
+        field_id=message.id,
+        is_indexed=message.is_indexed,
     )
 
 

@@ -3,13 +3,14 @@
 The definitions live in the custom-object service of the same shard; `DefinitionSource` reads
 them (over gRPC in production, from a dict in tests). `CustomFields` caches them per tenant and
 entity type and forgets a tenant's entries when a definition-change control event arrives (and
-after `ttl_seconds` anyway, as a safety net for a lost event).
+after `ttl_seconds` anyway, as a safety net for a lost event). Each load of definitions is shown
+to the index keeper, which builds missing custom field indexes in the background.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from shared.errors import FieldViolation
@@ -18,6 +19,16 @@ from shared.fieldtypes import FieldDefinition, required_violations, validate_val
 
 class DefinitionSource(Protocol):
     async def definitions(self, tenant_id: str, entity_type: str) -> list[FieldDefinition]: ...
+
+
+class IndexKeeping(Protocol):
+    """Keeps the indexes that loaded definitions ask for (adapters.indexes.IndexKeeper)."""
+
+    def ensure(self, tenant_id: str, entity_type: str, definitions: Iterable[FieldDefinition]) -> None:
+        """Starts what is needed in the background; returns at once and never raises."""
+        ...
+
+    def forget(self, tenant_id: str | None = None) -> None: ...
 
 
 class NoDefinitions:
@@ -29,13 +40,19 @@ class NoDefinitions:
 
 
 class CustomFields:
-    def __init__(self, source: DefinitionSource, ttl_seconds: float = 300.0) -> None:
+    def __init__(
+        self, source: DefinitionSource, ttl_seconds: float = 300.0, indexes: IndexKeeping | None = None
+    ) -> None:
         self._source = source
         self._ttl = ttl_seconds
+        self._indexes = indexes
         self._cache: dict[tuple[str, str], tuple[float, list[FieldDefinition]]] = {}
 
     def forget(self, tenant_id: str | None = None) -> None:
-        """Drops cached definitions of one tenant (or of all tenants)."""
+        """Drops cached definitions of one tenant (or of all tenants); their indexes are checked
+        again on the next load, so a field newly marked indexed gets its index."""
+        if self._indexes is not None:
+            self._indexes.forget(tenant_id)
         if tenant_id is None:
             self._cache.clear()
             return
@@ -49,6 +66,8 @@ class CustomFields:
             return cached[1]
         found = await self._source.definitions(tenant_id, entity_type)
         self._cache[key] = (time.monotonic(), found)
+        if self._indexes is not None:
+            self._indexes.ensure(tenant_id, entity_type, found)
         return found
 
     async def types(self, tenant_id: str, entity_type: str) -> dict[str, str]:

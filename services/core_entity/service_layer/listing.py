@@ -2,8 +2,9 @@
 fields, keyset pages with opaque tokens bound to their query, and the total count.
 
 The whitelist comes from the entity specs (the indexed fields) and from the tenant's custom
-field definitions (typed JSONB expressions, so `custom_fields.budget > 100` compares numbers,
-not text). Parsing and compiling is shared.filters' job; nothing here assembles SQL text.
+field definitions (typed readers of the JSONB values, so `custom_fields.budget > 100` compares
+numbers, not text, and uses the field's index when it has one). Parsing and compiling is
+shared.filters' job; nothing here assembles SQL text.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Date, DateTime, Numeric, cast, func, select
+from sqlalchemy import func, select
 
 from services.core_entity.adapters import repository as repo
+from services.core_entity.adapters.indexes import is_field_name, typed_value
 from services.core_entity.adapters.repository import Row, Tx
 from services.core_entity.domain import rules
 from services.core_entity.domain.model import EntitySpec, Kind
@@ -58,25 +60,23 @@ class ListResult:
 
 
 def _custom_field(spec: EntitySpec, name: str, field_type: str) -> Field:
-    table = repo.table_of(spec)
-    value = table.c.custom_fields[name]
-    text_value = value.astext
+    # The same reader calls as the custom field indexes (adapters.indexes), so PostgreSQL can
+    # use them; a value not in the stored canonical form reads as NULL instead of failing.
+    value = typed_value(repo.table_of(spec), name, field_type)
     api = f"custom_fields.{name}"
     if field_type in ("decimal", "currency", "percent"):
-        return Field(api, FieldType.DECIMAL, cast(text_value, Numeric))
+        return Field(api, FieldType.DECIMAL, value)
     if field_type == "number":
-        return Field(api, FieldType.INTEGER, cast(text_value, BigInteger))
+        return Field(api, FieldType.INTEGER, value)
     if field_type == "boolean":
-        return Field(api, FieldType.BOOLEAN, cast(text_value, Boolean))
+        return Field(api, FieldType.BOOLEAN, value)
     if field_type == "date":
-        return Field(api, FieldType.DATE, cast(text_value, Date))
+        return Field(api, FieldType.DATE, value)
     if field_type == "datetime":
-        return Field(api, FieldType.TIMESTAMP, cast(text_value, DateTime(timezone=True)))
+        return Field(api, FieldType.TIMESTAMP, value)
     if field_type == "multipicklist":
         return Field(api, FieldType.STRING_LIST, value, sortable=False)
-    if field_type in ("lookup", "master_detail"):
-        return Field(api, FieldType.STRING, text_value)
-    return Field(api, FieldType.STRING, text_value)
+    return Field(api, FieldType.STRING, value)
 
 
 def field_set(spec: EntitySpec, custom_types: Mapping[str, str]) -> FieldSet:
@@ -88,7 +88,10 @@ def field_set(spec: EntitySpec, custom_types: Mapping[str, str]) -> FieldSet:
             fields.append(Field(f.api, FieldType.ENUM, table.c[f.col], choices=frozenset(choices)))
         else:
             fields.append(Field(f.api, _TYPES[f.kind], table.c[f.col]))
-    fields += [_custom_field(spec, name, kind) for name, kind in sorted(custom_types.items())]
+    # A name that is no api name cannot be addressed by a filter and must not reach SQL text.
+    fields += [
+        _custom_field(spec, name, kind) for name, kind in sorted(custom_types.items()) if is_field_name(name)
+    ]
     return FieldSet(fields, tiebreaker=table.c.id)
 
 
