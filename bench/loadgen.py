@@ -19,7 +19,7 @@ import grpc
 
 @dataclass
 class LoadSpec:
-    kind: str  # "grpc_create_contact" | "grpc_list_contacts" | "raw_insert_contact" | ...
+    kind: str  # "grpc_create_contact" | "grpc_list_contacts" | "grpc_list_records" | "raw_insert_contact"
     target: str  # host:port for gRPC, a DSN for raw
     seconds: float
     concurrency: int
@@ -44,9 +44,32 @@ def contact_request(params: dict[str, Any]) -> bytes:
         first_name="Bench", last_name=f"Contact {n}", email=f"{n}@bench.example"
     )
     for key, value in params.get("custom_fields", {}).items():
-        contact.custom_fields[key].CopyFrom(common_pb2.FieldValue(string_value=value))
+        # bool before int: a bool is an int in Python.
+        if isinstance(value, bool):
+            typed = common_pb2.FieldValue(bool_value=value)
+        elif isinstance(value, int):
+            typed = common_pb2.FieldValue(int_value=value)
+        else:
+            typed = common_pb2.FieldValue(string_value=str(value))
+        contact.custom_fields[key].CopyFrom(typed)
     payload: bytes = core_entity_pb2.CreateContactRequest(contact=contact).SerializeToString()
     return payload
+
+
+def list_request(spec: LoadSpec) -> tuple[str, bytes]:
+    from crm.v1 import core_entity_pb2, custom_object_pb2
+
+    query = {
+        "page_size": 50,
+        "filter": spec.params.get("filter", ""),
+        "order_by": spec.params.get("order_by", ""),
+    }
+    if spec.kind == "grpc_list_records":
+        records = custom_object_pb2.ListRecordsRequest(object_type=spec.params["object_type"], **query)
+        return "/crm.v1.CustomObjectService/ListRecords", records.SerializeToString()
+    return "/crm.v1.ContactService/ListContacts", core_entity_pb2.ListContactsRequest(
+        **query
+    ).SerializeToString()
 
 
 async def _grpc_worker(spec: LoadSpec, result: LoadResult, deadline: float, pace: float) -> None:
@@ -55,11 +78,10 @@ async def _grpc_worker(spec: LoadSpec, result: LoadResult, deadline: float, pace
     async with grpc.aio.insecure_channel(spec.target) as channel:
         if spec.kind == "grpc_create_contact":
             call = channel.unary_unary("/crm.v1.ContactService/CreateContact")
+            listing = b""
         else:
-            call = channel.unary_unary("/crm.v1.ContactService/ListContacts")
-        list_request = core_entity_pb2.ListContactsRequest(
-            page_size=50, filter=spec.params.get("filter", ""), order_by=spec.params.get("order_by", "")
-        ).SerializeToString()
+            path, listing = list_request(spec)
+            call = channel.unary_unary(path)
         next_at = time.perf_counter()
         while time.perf_counter() < deadline:
             if pace:
@@ -67,7 +89,7 @@ async def _grpc_worker(spec: LoadSpec, result: LoadResult, deadline: float, pace
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            request = contact_request(spec.params) if spec.kind == "grpc_create_contact" else list_request
+            request = contact_request(spec.params) if spec.kind == "grpc_create_contact" else listing
             started = time.perf_counter()
             try:
                 reply = await call(request, metadata=spec.metadata, timeout=30)
