@@ -14,13 +14,16 @@ CPU per statement and the driver about 0.1 ms, on the same pooled connection and
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
 import asyncpg
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.util import LRUCache
 
 TENANT_SETTING = "app.current_tenant_id"
 CURRENT_TENANT_SQL = f"NULLIF(current_setting('{TENANT_SETTING}', true), '')::uuid"
@@ -103,14 +106,55 @@ class UnitOfWork:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            if not self._committed:
-                await self.session.rollback()
-        finally:
-            await self.session.close()
+        # Closing ends an uncommitted transaction with ROLLBACK as the connection returns to
+        # the pool (its reset on return); an explicit rollback first would be a second trip
+        # through the session machinery for the same effect.
+        await self.session.close()
 
 
 SET_TENANT_SQL = "SELECT set_config($1, $2, true)"
+
+
+async def fetch_rows(session: AsyncSession, statement: ClauseElement) -> list[dict[str, Any]]:
+    """Runs a Core SELECT of the session's transaction on the driver (`driver_query`), for read
+    hot paths such as list pages; rows come back as dicts keyed by column label."""
+    assert session.bind is not None
+    sql, args = driver_query(statement, session.bind.dialect)
+    conn = await driver_connection(session)
+    return [dict(record.items()) for record in await conn.fetch(sql, *args)]
+
+
+_COMPILED: LRUCache[Any, Any] = LRUCache(2000)
+
+
+def driver_query(statement: ClauseElement, dialect: Dialect) -> tuple[str, list[Any]]:
+    """A SQLAlchemy Core statement as SQL text and positional arguments for asyncpg, compiled once
+    per statement shape (SQLAlchemy's own cache key, as its execution path uses) and then only
+    re-bound: building and compiling stay SQLAlchemy's, execution moves to the driver."""
+    compiled: Any
+    key = statement._generate_cache_key()
+    if key is None:  # a construct SQLAlchemy cannot cache is compiled every time
+        compiled = statement.compile(dialect=dialect)
+        params = compiled.construct_params(_no_postcompile=True)
+    else:
+        compiled = _COMPILED.get((id(dialect), key.key))
+        if compiled is None:
+            compiled = statement.compile(dialect=dialect, cache_key=key)
+            _COMPILED[(id(dialect), key.key)] = compiled
+        params = compiled.construct_params(extracted_parameters=key.bindparams, _no_postcompile=True)
+    sql: str = compiled.string
+    names: list[str] = compiled.positiontup or []
+    processors: Mapping[str, Any] = compiled._bind_processors
+    if compiled.post_compile_params or compiled.literal_execute_params:
+        # IN (...) lists and the like are rendered per call, as SQLAlchemy's execution does.
+        expanded = compiled._process_parameters_for_postcompile(params)
+        sql, names, params, processors = (
+            expanded.statement,
+            list(expanded.positiontup or []),
+            expanded.parameters,
+            expanded.processors,
+        )
+    return sql, [processors[name](params[name]) if name in processors else params[name] for name in names]
 
 
 async def driver_connection(session: AsyncSession) -> asyncpg.Connection:

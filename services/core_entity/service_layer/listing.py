@@ -21,6 +21,7 @@ from services.core_entity.adapters.repository import Row, Tx
 from services.core_entity.domain import rules
 from services.core_entity.domain.model import EntitySpec, Kind
 from shared import paging
+from shared.db import fetch_rows
 from shared.filters import Field, FieldSet, FieldType
 
 _TYPES = {
@@ -115,14 +116,15 @@ async def list_rows(
     scope = [table.c.tenant_id == tx.tenant_id, condition]
     if spec.soft_delete and not query.show_deleted:
         scope.append(table.c.deleted_at.is_(None))
-    total = int(
-        (await tx.session.execute(select(func.count()).select_from(table).where(*scope))).scalar_one()
+    (counted,) = await fetch_rows(
+        tx.session, select(func.count().label("total")).select_from(table).where(*scope)
     )
+    total = int(counted["total"])
     stmt = select(table).where(*scope)
     if cursor is not None:
         stmt = stmt.where(fields.after(order, cursor))
     stmt = stmt.order_by(*fields.order_clauses(order)).limit(size + 1)
-    rows = [dict(r) for r in (await tx.session.execute(stmt)).mappings()]
+    rows = await fetch_rows(tx.session, stmt)
     next_token = ""
     if len(rows) > size:
         rows = rows[:size]

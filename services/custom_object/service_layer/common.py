@@ -16,7 +16,7 @@ from services.custom_object import SCHEMA, SERVICE
 from services.custom_object.adapters.tables import custom_field_options, custom_fields, custom_objects
 from services.custom_object.domain.rules import parse_etag
 from shared.context import current_call
-from shared.db import UnitOfWork
+from shared.db import UnitOfWork, fetch_rows
 from shared.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied, invalid
 from shared.events import control_subject, timestamp_now
 from shared.fieldtypes import CORE_OBJECT_TYPES, FieldDefinition, PicklistOption
@@ -111,12 +111,10 @@ async def find_custom_object(session: AsyncSession, tenant: str, key: str) -> di
     condition = (
         custom_objects.c.id == as_uuid(key) if as_uuid(key) is not None else custom_objects.c.api_name == key
     )
-    row = (
-        await session.execute(
-            select(custom_objects).where(custom_objects.c.tenant_id == uuid.UUID(tenant), condition)
-        )
-    ).first()
-    return row_dict(row) if row is not None else None
+    rows = await fetch_rows(
+        session, select(custom_objects).where(custom_objects.c.tenant_id == uuid.UUID(tenant), condition)
+    )
+    return rows[0] if rows else None
 
 
 async def get_custom_object(
@@ -198,20 +196,20 @@ async def load_fields(
         query = query.where(custom_fields.c.id.in_(list(field_ids)))
     else:
         query = query.where(custom_fields.c.object_type == object_type)
-    rows = [row_dict(r) for r in (await session.execute(query)).all()]
+    # Every record call loads its object's fields: on the driver (shared.db.fetch_rows).
+    rows = await fetch_rows(session, query)
     if not rows:
         return []
-    option_rows = (
-        await session.execute(
-            select(custom_field_options).where(
-                custom_field_options.c.tenant_id == uuid.UUID(tenant),
-                custom_field_options.c.custom_field_id.in_([r["id"] for r in rows]),
-            )
-        )
-    ).all()
+    option_rows = await fetch_rows(
+        session,
+        select(custom_field_options).where(
+            custom_field_options.c.tenant_id == uuid.UUID(tenant),
+            custom_field_options.c.custom_field_id.in_([r["id"] for r in rows]),
+        ),
+    )
     by_field: dict[uuid.UUID, list[dict[str, Any]]] = {}
     for option in option_rows:
-        by_field.setdefault(option.custom_field_id, []).append(row_dict(option))
+        by_field.setdefault(option["custom_field_id"], []).append(option)
     return [LoadedField(r, by_field.get(r["id"], [])) for r in rows]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from sqlalchemy import delete, func, literal_column, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -45,6 +46,7 @@ from services.custom_object.service_layer.common import (
 )
 from services.custom_object.service_layer.definitions import Page, find_relationship
 from shared import paging
+from shared.db import fetch_rows
 from shared.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -353,14 +355,14 @@ class RecordUseCases:
             )
             base = [custom_object_records.c.tenant_id == uuid.UUID(tenant), in_object, condition]
             try:
-                counting = select(func.count()).select_from(custom_object_records).where(*base)
-                total = (await s.execute(counting)).scalar_one()
+                counting = select(func.count().label("total")).select_from(custom_object_records).where(*base)
+                total = (await fetch_rows(s, counting))[0]["total"]
                 query = select(custom_object_records).where(*base)
                 if cursor is not None:
                     query = query.where(field_set.after(keys, cursor))
                 query = query.order_by(*field_set.order_clauses(keys)).limit(size + 1)
-                rows = [row_dict(r) for r in (await s.execute(query)).all()]
-            except DBAPIError as exc:
+                rows = await fetch_rows(s, query)
+            except (DBAPIError, asyncpg.PostgresError) as exc:
                 # Values the parser accepted but PostgreSQL cannot hold (a decimal like 1e999999
                 # overflows numeric): the client's filter, not a server fault.
                 if _sqlstate(exc).startswith("22"):
