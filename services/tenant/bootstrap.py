@@ -50,6 +50,7 @@ def build_app(settings: TenantSettings, pipelines: PipelineProvisioner | None = 
         return holder["shards"]
 
     async def register_bootstrap_shards() -> None:
+        await shard_cases().check_encryption_key()
         await shard_cases().register_bootstrap_shards(json.loads(settings.bootstrap_shards))
         await shard_cases().fail_interrupted_moves()
 

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
+from cryptography.fernet import Fernet
 
 from cli.stack import Stack
 from crm.v1 import tenant_pb2, tenant_pb2_grpc
 from services.tenant.adapters.pipeline import PipelineTarget
 from services.tenant.bootstrap import build_app
+from services.tenant.service_layer.shards import WrongEncryptionKey
 from shared import context as callctx
 from shared.config import TenantSettings
 from shared.db import asyncpg_dsn
@@ -202,3 +204,35 @@ async def test_without_tenant_context_the_app_role_sees_no_configuration_or_sess
         assert await conn.fetchval("SELECT count(*) FROM tenant.system_metadata WHERE tenant_id IS NULL") >= 3
     finally:
         await conn.close()
+
+
+async def test_a_wrong_encryption_key_stops_the_tenant_service_at_start(suite: Stack) -> None:
+    """A second tenant service started with another key must refuse to start, before it could
+    re-encrypt the shard settings with that key or leave a tenant half-onboarded."""
+    urls = suite.db_urls(suite.database("directory"))
+    admin = await asyncpg.connect(asyncpg_dsn(urls["CRM_DB_OWNER_URL"]))
+    try:
+        stored_before = await admin.fetch("SELECT id, database_url_encrypted FROM tenant.shards ORDER BY id")
+    finally:
+        await admin.close()
+    assert stored_before, "the suite's directory has shards"
+    settings = TenantSettings(
+        db_url=urls["CRM_DB_URL"],
+        db_owner_url=urls["CRM_DB_OWNER_URL"],
+        internal_token=suite.internal_token,
+        nats_url=suite.event_url,
+        port=0,
+        migrate_on_start=False,
+        encryption_key=Fernet.generate_key().decode(),
+        bootstrap_shards=suite.services["tenant"].env["CRM_BOOTSTRAP_SHARDS"],
+    )
+    app = build_app(settings)
+    with pytest.raises(WrongEncryptionKey, match="CRM_ENCRYPTION_KEY"):
+        await app.start()
+    await app.stop()
+    admin = await asyncpg.connect(asyncpg_dsn(urls["CRM_DB_OWNER_URL"]))
+    try:
+        stored_after = await admin.fetch("SELECT id, database_url_encrypted FROM tenant.shards ORDER BY id")
+    finally:
+        await admin.close()
+    assert stored_after == stored_before  # nothing re-encrypted with the wrong key

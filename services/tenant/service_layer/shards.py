@@ -62,6 +62,10 @@ log = get_logger(__name__)
 SHARD_PUBLIC = [c for c in shards.c if not c.name.endswith("_encrypted")]
 
 
+class WrongEncryptionKey(RuntimeError):
+    """The configured CRM_ENCRYPTION_KEY is not the one the directory's secrets were written with."""
+
+
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
     name: str
@@ -242,6 +246,27 @@ class ShardUseCases:
             self._box.decrypt_text(row[0]) if row[0] else "",
             self._box.decrypt_text(row[1]) if row[1] else "",
         )
+
+    async def check_encryption_key(self) -> None:
+        """Refuses to start with a key that cannot open what the directory stores. Started
+        anyway, bootstrap would re-encrypt the shard URLs with the wrong key (hiding the mistake)
+        while every tenant's encrypted settings stayed unreadable, and onboarding would fail
+        half-way instead of at start-up."""
+        async with UnitOfWork(self._sessions, tenant_id=None) as uow:
+            sample = await uow.session.scalar(
+                select(shards.c.database_url_encrypted)
+                .where(shards.c.database_url_encrypted.is_not(None))
+                .limit(1)
+            )
+        if sample is None:
+            return
+        try:
+            self._box.decrypt_text(sample)
+        except RuntimeError as exc:
+            raise WrongEncryptionKey(
+                "CRM_ENCRYPTION_KEY cannot decrypt the shard connection settings stored in the directory; "
+                "start the tenant service with the key they were written with"
+            ) from exc
 
     async def register_bootstrap_shards(self, specs: list[dict[str, Any]]) -> None:
         """Registers the shards named in settings that the directory does not know yet, keeps
