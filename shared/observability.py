@@ -8,6 +8,7 @@ NATS headers; exported over OTLP/gRPC when CRM_OTLP_ENDPOINT is set, and off oth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -64,7 +65,10 @@ def setup_tracing(service: str, otlp_endpoint: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    # Looked up once: get_tracer per call showed in the gateway's profile. Before the provider
+    # is installed this is OpenTelemetry's proxy tracer, which delegates once it is.
     return trace.get_tracer("crm")
 
 
