@@ -34,6 +34,7 @@ class LoadResult:
     errors: dict[str, int]
     elapsed: float
     ids: list[tuple[float, str]] = field(default_factory=list)  # (commit time, record id) samples
+    cpu_seconds: float = 0.0  # the load generator's own CPU
 
 
 def contact_request(params: dict[str, Any]) -> bytes:
@@ -126,6 +127,7 @@ async def _raw_worker(spec: LoadSpec, pool: asyncpg.Pool, result: LoadResult, de
 
 async def _run(spec: LoadSpec) -> LoadResult:
     result = LoadResult([], {}, 0.0)
+    cpu_started = time.process_time()
     started = time.perf_counter()
     deadline = started + spec.seconds
     pace = spec.concurrency / spec.rate if spec.rate else 0.0
@@ -140,6 +142,7 @@ async def _run(spec: LoadSpec) -> LoadResult:
     else:
         await asyncio.gather(*(_grpc_worker(spec, result, deadline, pace) for _ in range(spec.concurrency)))
     result.elapsed = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
     return result
 
 
