@@ -98,7 +98,7 @@ class OutboxRelay:
         schema: str,
         jetstream: JetStreamProvider,
         *,
-        batch_size: int = 256,
+        batch_size: int = 1024,
         poll_seconds: float = 0.5,
         publish_timeout: float = 5.0,
     ) -> None:
@@ -157,7 +157,9 @@ class OutboxRelay:
                 pass
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
-        """Publishes one batch; returns how many rows it published and removed."""
+        """Publishes one batch; returns how many rows it published and removed. Rows the stream
+        acknowledged are removed even when others of the batch failed; the first failure is then
+        raised, and the rest are published again later (the same Nats-Msg-Id: no duplicates)."""
         async with conn.transaction():
             rows = await conn.fetch(
                 f"SELECT id, subject, payload, headers FROM {self._schema}.outbox "
@@ -166,24 +168,55 @@ class OutboxRelay:
             )
             if not rows:
                 return 0
-            js = self._jetstream()
-            await asyncio.gather(
-                *(
-                    js.publish(
-                        row["subject"],
-                        bytes(row["payload"]),
-                        timeout=self._publish_timeout,
-                        headers={**_stored_headers(row["headers"]), "Nats-Msg-Id": str(row["id"])},
+            published, failure = await self._publish(rows)
+            if published:
+                await conn.execute(f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::uuid[])", published)
+        if published:
+            self.published_total += len(published)
+            OUTBOX_PUBLISHED.labels(self._schema).inc(len(published))
+        if failure is not None:
+            raise failure
+        return len(published)
+
+    async def _publish(self, rows: list[asyncpg.Record]) -> tuple[list[uuid.UUID], BaseException | None]:
+        """Sends every row without waiting for each acknowledgement (JetStream stores a batch
+        in flight far faster than one message per round trip), then waits for all of them."""
+        js = self._jetstream()
+        # The rows of one writer's batch carry the same headers: decode each distinct text once.
+        decoded: dict[str | None, dict[str, str]] = {}
+        acks: list[asyncio.Future[Any]] = []
+        try:
+            for row in rows:
+                stored = row["headers"]
+                headers = decoded.get(stored)
+                if headers is None:
+                    headers = decoded[stored] = _stored_headers(stored)
+                acks.append(
+                    await js.publish_async(
+                        row["subject"], row["payload"], headers={**headers, "Nats-Msg-Id": str(row["id"])}
                     )
-                    for row in rows
                 )
+            _, waiting = await asyncio.wait(acks, timeout=self._publish_timeout)
+        except BaseException:
+            for ack in acks:
+                ack.cancel()
+            raise
+        failure: BaseException | None = None
+        if waiting:
+            for ack in waiting:
+                ack.cancel()
+            failure = TimeoutError(
+                f"{len(waiting)} of {len(acks)} events unacknowledged after {self._publish_timeout}s"
             )
-            await conn.execute(
-                f"DELETE FROM {self._schema}.outbox WHERE id = ANY($1::uuid[])", [row["id"] for row in rows]
-            )
-        self.published_total += len(rows)
-        OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
-        return len(rows)
+        published = []
+        for row, ack in zip(rows, acks, strict=True):
+            if ack.cancelled():
+                continue
+            if (error := ack.exception()) is None:
+                published.append(row["id"])
+            elif failure is None:
+                failure = error
+        return published, failure
 
 
 async def record_change(

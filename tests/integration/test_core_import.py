@@ -1,17 +1,31 @@
 # ruff: noqa: F811  (fixtures are imported from test_core_support, then used as arguments)
-"""ImportRecords with valid and invalid rows mixed, retries with the same import id, and
-ExportRecords streaming the rows back in the same shape."""
+"""ImportRecords with valid and invalid rows mixed, retries with the same import id, one change
+event per imported record, batches the database refuses midway, and ExportRecords streaming the
+rows back in the same shape."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import grpc
+import nats
+import nats.errors
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from crm.v1 import common_pb2, events_pb2
 from crm.v1 import core_entity_pb2 as pb
+from services.core_entity.entrypoints.imports import BATCH_ROWS
+from services.core_entity.service_layer import imports
+from shared import events
+from shared.db import asyncpg_dsn
 from shared.fieldtypes import FieldDefinition
+from tests.backends import Backends
 from tests.integration.test_core_support import (  # noqa: F401
     CoreService,
     Tenant,
@@ -175,3 +189,150 @@ async def test_import_applies_custom_field_definitions(core_service: CoreService
     }
     lead = await tenant.call(tenant.leads, "GetLead", pb.GetLeadRequest(id=reply.record_ids[0]))
     assert lead.custom_fields["vip"].bool_value and lead.custom_fields["code"].string_value == "X1"
+
+
+# --- what an import writes ---------------------------------------------------------------------
+
+
+async def change_events(nats_url: str, tenant: Tenant, wait: float = 3.0) -> list[events_pb2.ChangeEvent]:
+    """Every contact INSERT event of the tenant that reached the stream within `wait` seconds."""
+    client = await nats.connect(nats_url)
+    try:
+        sub = await client.jetstream().pull_subscribe(
+            f"crm.events.{tenant.id}.core_entity.contacts.INSERT",
+            stream=events.STREAM_NAME,
+            config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+        )
+        found: list[events_pb2.ChangeEvent] = []
+        deadline = asyncio.get_running_loop().time() + wait
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                found += [
+                    events_pb2.ChangeEvent.FromString(m.data) for m in await sub.fetch(100, timeout=0.5)
+                ]
+            except (nats.errors.TimeoutError, TimeoutError):
+                pass
+        await sub.unsubscribe()
+        return found
+    finally:
+        await client.close()
+
+
+async def stored(core_service: CoreService, tenant: Tenant, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(asyncpg_dsn(core_service.owner_dsn))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", tenant.id)
+            return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def contact_rows(prefix: str, count: int) -> list[dict[str, str]]:
+    return [
+        {"first_name": "Row", "last_name": f"{prefix} {i}", "email": f"{prefix}{i}@example.com"}
+        for i in range(count)
+    ]
+
+
+async def test_every_imported_record_has_one_change_event_like_create(
+    backends: Backends, tenant: Tenant
+) -> None:
+    # More rows than one batch, in messages of uneven sizes.
+    rows = contact_rows("ev", BATCH_ROWS + 5)
+    reply = await run_import(tenant, str(uuid.uuid4()), pb.ENTITY_TYPE_CONTACT, [rows[:7], rows[7:]])
+    assert (reply.success_count, reply.error_count) == (len(rows), 0)
+    found = await change_events(backends.nats_url, tenant, wait=5.0)
+    assert len(found) == len(rows) and len({e.event_id for e in found}) == len(rows)
+    assert {e.record_id for e in found} == set(reply.record_ids.values())
+    by_email = {json.loads(e.new_values_json)["email"]: e for e in found}
+    assert set(by_email) == {row["email"] for row in rows}
+    event = by_email["ev3@example.com"]
+    values = json.loads(event.new_values_json)
+    assert values["id"] == event.record_id == reply.record_ids[3]
+    assert values["tenant_id"] == tenant.id and values["created_by"] == tenant.user_id
+    assert values["version"] == 1 and values["contact_status"] == "active" and values["custom_fields"] == {}
+    assert event.operation == common_pb2.OPERATION_INSERT and event.record_version == 1
+    assert event.actor.user_id == tenant.user_id and event.tenant_id == tenant.id
+    assert event.api_endpoint == "/crm.v1.ImportService/ImportRecords"
+    contact = await tenant.call(tenant.contacts, "GetContact", pb.GetContactRequest(id=event.record_id))
+    assert contact.email == "ev3@example.com" and contact.last_name == "ev 3"
+
+
+async def test_an_address_another_contact_has_is_refused_by_the_unique_index(tenant: Tenant) -> None:
+    await tenant.contact(first_name="Ada", last_name="Lovelace", email="taken@example.com")
+    reply = await run_import(
+        tenant,
+        str(uuid.uuid4()),
+        pb.ENTITY_TYPE_CONTACT,
+        [[{"first_name": "A", "last_name": "B", "email": "TAKEN@example.com"}, *contact_rows("free", 2)]],
+    )
+    assert (reply.success_count, reply.error_count) == (2, 1)
+    errors = {e.row_index: {f.field: f.description for f in e.errors} for e in reply.row_errors}
+    assert errors == {0: {"email": "another contact already has this e-mail address"}}
+    assert set(reply.record_ids) == {1, 2}
+
+
+async def test_a_batch_refused_midway_is_redone_row_by_row_leaving_nothing_half_written(
+    backends: Backends, core_service: CoreService, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bookkeeping statement, the batch's last, fails for row 2 only: by then the batch's
+    # records and outbox rows are written in its transaction. All of that must go, and the
+    # row-by-row retry must write every row but row 2, each with its event, and row 2 nothing.
+    monkeypatch.setattr(
+        imports,
+        "RECORD_IMPORT_ROWS",
+        imports.RECORD_IMPORT_ROWS.replace(
+            "$4 FROM", "$4::timestamptz + interval '0' * (1 / (landed.row_index - 2)) FROM"
+        ),
+    )
+    import_id = str(uuid.uuid4())
+    rows = contact_rows("mid", 5)
+    reply = await run_import(tenant, import_id, pb.ENTITY_TYPE_CONTACT, [rows])
+    assert (reply.success_count, reply.error_count) == (4, 1), reply.row_errors
+    assert [e.row_index for e in reply.row_errors] == [2]
+    assert set(reply.record_ids) == {0, 1, 3, 4}
+    emails = {r["email"] for r in await stored(core_service, tenant, "SELECT email FROM core.contacts")}
+    assert emails == {rows[i]["email"] for i in (0, 1, 3, 4)}
+    landed = await stored(
+        core_service,
+        tenant,
+        "SELECT row_index FROM core.import_rows WHERE import_id = $1",
+        uuid.UUID(import_id),
+    )
+    assert {r["row_index"] for r in landed} == {0, 1, 3, 4}
+    found = await change_events(backends.nats_url, tenant)
+    assert sorted(json.loads(e.new_values_json)["email"] for e in found) == sorted(emails)
+
+    # Retried once the database accepts it, the import writes row 2 only.
+    monkeypatch.undo()
+    again = await run_import(tenant, import_id, pb.ENTITY_TYPE_CONTACT, [rows])
+    assert (again.success_count, again.error_count) == (5, 0)
+    assert {i: again.record_ids[i] for i in (0, 1, 3, 4)} == dict(reply.record_ids)
+    assert len(await change_events(backends.nats_url, tenant)) == 5
+
+
+async def test_a_batch_that_fails_after_writing_leaves_nothing(
+    backends: Backends, core_service: CoreService, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = imports.Importer._write
+
+    async def write_then_fail(self: imports.Importer, *args: Any) -> Any:
+        await write(self, *args)
+        raise RuntimeError("the process died after the batch's statements")
+
+    monkeypatch.setattr(imports.Importer, "_write", write_then_fail)
+    import_id = str(uuid.uuid4())
+    await fails(
+        grpc.StatusCode.INTERNAL,
+        run_import(tenant, import_id, pb.ENTITY_TYPE_CONTACT, [contact_rows("gone", 3)]),
+    )
+    assert await stored(core_service, tenant, "SELECT id FROM core.contacts") == []
+    assert await stored(core_service, tenant, "SELECT row_index FROM core.import_rows") == []
+    assert (
+        await stored(
+            core_service, tenant, "SELECT id FROM core.outbox WHERE subject LIKE $1", f"%{tenant.id}%"
+        )
+        == []
+    )
+    assert await change_events(backends.nats_url, tenant, wait=1.5) == []

@@ -7,10 +7,13 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import nats
+import nats.js.errors
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import text
 
@@ -148,6 +151,63 @@ async def test_republish_after_a_crash_is_deduplicated(backends: Backends, scrat
         finally:
             await conn.close()
         assert await published_ids(backends.nats_url, subject, 1) == [crashed.event_id]
+    finally:
+        await engine.dispose()
+        await client.close()
+
+
+class HalfDownJetStream:
+    """JetStream that refuses every other message (as when the stream hits a limit mid-batch),
+    and stores the rest through the real one."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._calls = 0
+        self.refused: list[str] = []
+
+    async def publish_async(
+        self, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[Any]:
+        self._calls += 1
+        if self._calls % 2:
+            return await self._js.publish_async(subject, payload, headers=headers)
+        self.refused.append(headers["Nats-Msg-Id"])
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.set_exception(nats.js.errors.APIError(description="maximum messages exceeded"))
+        return refused
+
+
+async def test_a_partly_refused_batch_removes_what_was_stored_and_retries_the_rest(
+    backends: Backends, scratch: Scratch
+) -> None:
+    client = await events.connect(backends.nats_url, "test")
+    js = client.jetstream()
+    await events.ensure_stream(js)
+    tenant = str(uuid.uuid4())
+    subject = events.change_subject(tenant, "test", "things", "INSERT")
+    engine = create_engine(scratch.app_dsn)
+    written: list[str] = []
+    try:
+        async with UnitOfWork(session_factory(engine), None) as uow:
+            for _ in range(20):
+                added = event(tenant)
+                await add_to_outbox(uow.session, "scratch", subject, added.event_id, added)
+                written.append(added.event_id)
+            await uow.commit()
+        flaky = HalfDownJetStream(js)
+        conn = await asyncpg.connect(asyncpg_dsn(scratch.app_dsn))
+        try:
+            with pytest.raises(nats.js.errors.APIError):
+                await OutboxRelay(scratch.app_dsn, "scratch", lambda: flaky).relay_once(conn)  # type: ignore[arg-type]
+            left = {str(r["id"]) for r in await conn.fetch("SELECT id FROM scratch.outbox")}
+            assert left == set(flaky.refused) and len(left) == 10
+            # The next round publishes the rest; nothing is published twice.
+            assert await OutboxRelay(scratch.app_dsn, "scratch", lambda: js).relay_once(conn) == len(left)
+            assert await conn.fetchval("SELECT count(*) FROM scratch.outbox") == 0
+        finally:
+            await conn.close()
+        ids = await published_ids(backends.nats_url, subject, len(written))
+        assert sorted(ids) == sorted(written)
     finally:
         await engine.dispose()
         await client.close()

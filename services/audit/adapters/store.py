@@ -1,12 +1,17 @@
 """Writes audit entries in batches, idempotently on the event id, and chains them per tenant.
 
-Ingest uses asyncpg directly: it is the audit service's hot path and executemany of prepared
-INSERTs per tenant group is several times faster than going through the ORM.
+Ingest uses asyncpg directly: it is the audit service's hot path. Each table gets one
+array-valued statement per batch (INSERT ... SELECT FROM unnest), whatever the batch's size:
+measured here on batches of 256 events, 2.6 times the events per second of executemany of one
+INSERT (and two current-version UPDATEs) per event, and the time per batch stays flat as the log
+grows.
 
 Per tenant group, inside one transaction: lock the tenant's chain head (FOR UPDATE, tenants in
-id order so two writers never deadlock), drop events already stored (a redelivery or a
-re-publish), mask sensitive values, assign the next chain positions and hashes, then write the
-entries, their field-level changes and the record versions, and move the head.
+id order so two writers never deadlock), mask sensitive values, assign the next chain positions
+and hashes, then write the entries, their field-level changes and the record versions (the
+current mark worked out in Python from the latest stored versions), and move the head. Events
+already stored (a redelivery or a re-publish) are rare: the log's unique key finds them, and the
+group is then undone to a savepoint and chained again without them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import ipaddress
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,41 +32,98 @@ from services.audit.domain import rules
 from shared.db import TENANT_SETTING
 from shared.events import OPERATION_NAMES
 
-INSERT_AUDIT_LOG = """
+# Change events are written with one statement per table and batch, whatever the batch's size:
+# arrays in, one row per element out (unnest), so PostgreSQL parses, plans and runs each once.
+# Lookups go through LATERAL subqueries with a LIMIT (which keeps the planner from turning them
+# into joins), one index probe per element, so no plan reads a whole table however stale its
+# statistics are (a new partition has none).
+
+# The events of the batch already stored (a redelivery or a re-publish); (event_id, changed_at)
+# is the log's unique key, so each lookup is one probe of that index in one partition.
+STORED_EVENTS = """
+SELECT given.event_id FROM unnest($2::uuid[], $3::timestamptz[]) AS given (event_id, changed_at)
+CROSS JOIN LATERAL (SELECT FROM audit.audit_logs l
+                    WHERE l.event_id = given.event_id AND l.changed_at = given.changed_at
+                      AND l.tenant_id = $1 LIMIT 1) found
+"""
+
+# For each record the batch touches: its latest stored version and its current one, if any.
+LATEST_VERSIONS = """
+SELECT given.table_name, given.record_id, latest.version_number AS latest, current.id AS current_id,
+       current.version_number AS current_version
+FROM unnest($2::text[], $3::uuid[]) AS given (table_name, record_id)
+LEFT JOIN LATERAL (SELECT v.version_number FROM audit.record_versions v
+                   WHERE v.tenant_id = $1 AND v.table_name = given.table_name
+                     AND v.record_id = given.record_id
+                   ORDER BY v.version_number DESC LIMIT 1) latest ON true
+LEFT JOIN LATERAL (SELECT v.id, v.version_number FROM audit.record_versions v
+                   WHERE v.tenant_id = $1 AND v.table_name = given.table_name
+                     AND v.record_id = given.record_id AND v.is_current LIMIT 1) current ON true
+"""
+
+INSERT_AUDIT_LOGS = """
 INSERT INTO audit.audit_logs (
     id, event_id, tenant_id, service, table_name, record_id, operation, old_values, new_values,
     changed_fields, record_version, user_id, user_email, session_id, ip_address, user_agent,
     api_endpoint, request_id, changed_at, chain_seq, prev_hash, entry_hash
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14, $15::inet, $16,
-          $17, $18, $19, $20, $21, $22)
+)
+SELECT e.id, e.event_id, $1, e.service, e.table_name, e.record_id, e.operation, e.old_values::jsonb,
+       e.new_values::jsonb, e.changed_fields::text[], e.record_version, e.user_id, e.user_email,
+       e.session_id, e.ip_address::inet, e.user_agent, e.api_endpoint, e.request_id, e.changed_at,
+       e.chain_seq, e.prev_hash, e.entry_hash
+FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::uuid[], $7::text[], $8::text[],
+            $9::text[], $10::text[], $11::bigint[], $12::uuid[], $13::text[], $14::text[], $15::text[],
+            $16::text[], $17::text[], $18::text[], $19::timestamptz[], $20::bigint[], $21::text[],
+            $22::text[])
+     AS e (id, event_id, service, table_name, record_id, operation, old_values, new_values,
+           changed_fields, record_version, user_id, user_email, session_id, ip_address, user_agent,
+           api_endpoint, request_id, changed_at, chain_seq, prev_hash, entry_hash)
 ON CONFLICT (event_id, changed_at) DO NOTHING
 """
 
-INSERT_FIELD_CHANGE = """
+INSERT_FIELD_CHANGES = """
 INSERT INTO audit.field_audit_logs (
     tenant_id, audit_log_id, event_id, table_name, record_id, field_name, old_value, new_value,
     field_type, is_sensitive, changed_at
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+)
+SELECT $1, f.* FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::text[], $7::text[],
+                           $8::text[], $9::text[], $10::boolean[], $11::timestamptz[]) AS f
 ON CONFLICT DO NOTHING
 """
 
-INSERT_VERSION = """
+# Versions arrive with is_current worked out (see `_current_flags`); RETURNING says which landed.
+INSERT_VERSIONS = """
 INSERT INTO audit.record_versions (
     tenant_id, service, table_name, record_id, version_number, record_data, operation, event_id,
-    created_by, created_at
-) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)
+    created_by, created_at, is_current
+)
+SELECT $1, v.service, v.table_name, v.record_id, v.version_number, v.record_data::jsonb, v.operation,
+       v.event_id, v.created_by, v.created_at, v.is_current
+FROM unnest($2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::text[], $7::text[], $8::uuid[],
+            $9::uuid[], $10::timestamptz[], $11::boolean[])
+     AS v (service, table_name, record_id, version_number, record_data, operation, event_id,
+           created_by, created_at, is_current)
 ON CONFLICT DO NOTHING
+RETURNING event_id
 """
 
-# Two statements, not one: a non-deferrable unique index is checked row by row, so clearing the
-# old current flag and setting the new one in one UPDATE could trip over itself.
-CLEAR_CURRENT = """
+# The version that was current stops being current before a newer one is written (the partial
+# unique index allows one current version per record).
+CLEAR_CURRENT = (
+    "UPDATE audit.record_versions SET is_current = false WHERE id = ANY($1::uuid[]) AND is_current"
+)
+
+# Only when a version meant to become current did not land (its number or event was stored
+# already): make the latest stored version current again, record by record. Two statements, not
+# one: a non-deferrable unique index is checked row by row, so clearing the old current flag and
+# setting the new one in one UPDATE could trip over itself.
+REPAIR_CLEAR_CURRENT = """
 UPDATE audit.record_versions SET is_current = false
 WHERE tenant_id = $1 AND table_name = $2 AND record_id = $3 AND is_current
   AND version_number <> (SELECT max(version_number) FROM audit.record_versions
                          WHERE tenant_id = $1 AND table_name = $2 AND record_id = $3)
 """
-SET_CURRENT = """
+REPAIR_SET_CURRENT = """
 UPDATE audit.record_versions SET is_current = true
 WHERE tenant_id = $1 AND table_name = $2 AND record_id = $3 AND NOT is_current
   AND version_number = (SELECT max(version_number) FROM audit.record_versions
@@ -164,12 +226,16 @@ def _json_object(text: str, field: str) -> dict[str, Any] | None:
         value = json.loads(text)
         if not isinstance(value, dict):
             raise UndecodableEvent(f"{field} is not a JSON object")
-        # PostgreSQL's jsonb refuses NUL characters; refusing them here keeps one bad event from
-        # failing a whole batch.
-        if _has_nul(value):
-            raise UndecodableEvent(f"{field} contains a NUL character")
-        # A lone surrogate (\ud800) parses in Python but is not UTF-8: jsonb and the hash refuse it.
-        json.dumps(value, ensure_ascii=False).encode()
+        # Both checks below concern what only a \u escape can write (a raw control character is
+        # not JSON, and the text came as valid UTF-8), so text without one skips them.
+        if "\\u" in text:
+            # PostgreSQL's jsonb refuses NUL characters; refusing them here keeps one bad event
+            # from failing a whole batch.
+            if _has_nul(value):
+                raise UndecodableEvent(f"{field} contains a NUL character")
+            # A lone surrogate (\ud800) parses in Python but is not UTF-8: jsonb and the hash
+            # refuse it.
+            json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError as exc:
         raise UndecodableEvent(f"{field} is not valid Unicode") from exc
     except (ValueError, RecursionError) as exc:
@@ -353,6 +419,36 @@ async def tenant_rules(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> rules.
     return rules.SensitiveFields(frozenset((r["table_name"], r["field_name"]) for r in marked))
 
 
+def _array_literal(values: Sequence[str]) -> str:
+    """A text[] literal: the audit log's changed_fields travel as one text per entry, because
+    unnest would flatten an array of arrays."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
+
+
+@dataclass(slots=True)
+class _Latest:
+    """What is stored of one record's versions: the highest number and the current one."""
+
+    number: int
+    current_id: uuid.UUID | None
+    current_number: int | None
+
+
+async def _latest_versions(
+    conn: asyncpg.Connection, tenant_id: uuid.UUID, records: Sequence[tuple[str, uuid.UUID]]
+) -> dict[tuple[str, uuid.UUID], _Latest]:
+    found = await conn.fetch(
+        LATEST_VERSIONS, tenant_id, [table for table, _ in records], [record for _, record in records]
+    )
+    return {
+        (r["table_name"], r["record_id"]): _Latest(
+            int(r["latest"] or 0), r["current_id"], r["current_version"]
+        )
+        for r in found
+    }
+
+
 async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, rows: list[ChangeRow]) -> int:
     await conn.execute("SELECT set_config($1, $2, true)", TENANT_SETTING, str(tenant_id))
     await conn.execute(
@@ -362,26 +458,51 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
         "SELECT last_seq, last_hash FROM audit.audit_chain_heads WHERE tenant_id = $1 FOR UPDATE", tenant_id
     )
     assert head is not None
-    # Under the head lock nobody else writes this tenant, so check-then-insert is safe.
+    # Chained in the order the changes happened, each event once.
+    unique: dict[uuid.UUID, ChangeRow] = {}
+    for row in sorted(rows, key=lambda r: (r.changed_at, str(r.event_id))):
+        unique.setdefault(row.event_id, row)
+    # Under the head lock nobody else writes this tenant. Few batches hold an event stored
+    # before (a redelivery, a re-publish), so the batch is written straight away and the log's
+    # unique key tells: if it refused any, the batch is undone to the savepoint and written
+    # again without those.
+    try:
+        async with conn.transaction():
+            return await _write_entries(conn, tenant_id, head, list(unique.values()), all_new=True)
+    except _StoredBefore:
+        pass
     stored = {
-        r["event_id"]
+        r[0]
         for r in await conn.fetch(
-            "SELECT event_id FROM audit.audit_logs WHERE tenant_id = $1 AND event_id = ANY($2::uuid[])",
-            tenant_id,
-            [row.event_id for row in rows],
+            STORED_EVENTS, tenant_id, list(unique), [row.changed_at for row in unique.values()]
         )
     }
-    fresh: dict[uuid.UUID, ChangeRow] = {}
-    for row in sorted(rows, key=lambda r: (r.changed_at, str(r.event_id))):
-        if row.event_id not in stored and row.event_id not in fresh:
-            fresh[row.event_id] = row
-    if not fresh:
-        return 0
+    fresh = [row for event_id, row in unique.items() if event_id not in stored]
+    return await _write_entries(conn, tenant_id, head, fresh, all_new=False) if fresh else 0
+
+
+class _StoredBefore(Exception):
+    """Some events of a batch are in the log already."""
+
+
+async def _write_entries(
+    conn: asyncpg.Connection,
+    tenant_id: uuid.UUID,
+    head: asyncpg.Record,
+    fresh: list[ChangeRow],
+    *,
+    all_new: bool,
+) -> int:
+    """Chains the events after the head and writes them with their field changes and versions,
+    and moves the head. With `all_new`, raises _StoredBefore if the log holds any of them."""
     sensitive = await tenant_rules(conn, tenant_id)
+    latest = await _latest_versions(conn, tenant_id, list({(r.table_name, r.record_id) for r in fresh}))
     seq, previous = int(head["last_seq"]), str(head["last_hash"])
-    entries, fields, versions = [], [], []
-    next_version: dict[tuple[str, uuid.UUID], int] = {}
-    for row in fresh.values():
+    entries: list[tuple[Any, ...]] = []
+    fields: list[tuple[Any, ...]] = []
+    versions: list[tuple[Any, ...]] = []
+    next_version = {key: stored_latest.number for key, stored_latest in latest.items()}
+    for row in fresh:
         entry_id = uuid.uuid4()
         old = rules.mask_values(row.old_values, row.table_name, sensitive)
         new = rules.mask_values(row.new_values, row.table_name, sensitive)
@@ -394,7 +515,6 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
             for change in rules.field_changes(row.old_values, row.new_values, row.table_name, sensitive):
                 fields.append(
                     (
-                        tenant_id,
                         entry_id,
                         row.event_id,
                         row.table_name,
@@ -428,21 +548,20 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
             "request_id": row.request_id,
             "changed_at": row.changed_at,
         }
-        digest_old = rules.values_digest(rules.parse_json(old_text))
-        digest_new = rules.values_digest(rules.parse_json(new_text))
-        entry_hash = rules.entry_hash(entry, digest_old, digest_new)
+        # The digests of the values as stored (`_dump`'s JSON read back exactly gives the same
+        # canonical form as the values themselves; a test holds the two equal).
+        entry_hash = rules.entry_hash(entry, rules.values_digest(old), rules.values_digest(new))
         entries.append(
             (
                 entry_id,
                 row.event_id,
-                tenant_id,
                 row.service,
                 row.table_name,
                 row.record_id,
                 row.operation,
                 old_text,
                 new_text,
-                changed,
+                _array_literal(changed),
                 row.record_version,
                 row.user_id,
                 row.user_email,
@@ -462,26 +581,14 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
         key = (row.table_name, row.record_id)
         if version <= 0:
             # A publisher without record versions: number them in arrival order.
-            if key not in next_version:
-                latest = await conn.fetchval(
-                    "SELECT max(version_number) FROM audit.record_versions "
-                    "WHERE tenant_id = $1 AND table_name = $2 AND record_id = $3",
-                    tenant_id,
-                    row.table_name,
-                    row.record_id,
-                )
-                next_version[key] = int(latest or 0)
-            next_version[key] += 1
-            version = next_version[key]
-        else:
-            next_version[key] = max(next_version.get(key, 0), version)
+            version = next_version[key] + 1
+        next_version[key] = max(next_version[key], version)
         if row.deleted_state is not None:
             state_text = _dump(rules.mask_values(row.deleted_state, row.table_name, sensitive))
         else:
             state_text = new_text if new_text is not None else old_text
         versions.append(
             (
-                tenant_id,
                 row.service,
                 row.table_name,
                 row.record_id,
@@ -493,13 +600,29 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
                 row.changed_at,
             )
         )
-    await conn.executemany(INSERT_AUDIT_LOG, entries)
+    flags, replaced, stale = _current_flags(versions, latest)
+    if replaced:
+        await conn.execute(CLEAR_CURRENT, replaced)
+    inserted = await conn.execute(INSERT_AUDIT_LOGS, tenant_id, *_columns(entries, 21))
+    if all_new and int(inserted.rsplit(" ", 1)[1]) < len(entries):
+        raise _StoredBefore
     if fields:
-        await conn.executemany(INSERT_FIELD_CHANGE, fields)
-    await conn.executemany(INSERT_VERSION, versions)
-    touched = [(tenant_id, table, record) for table, record in next_version]
-    await conn.executemany(CLEAR_CURRENT, touched)
-    await conn.executemany(SET_CURRENT, touched)
+        await conn.execute(INSERT_FIELD_CHANGES, tenant_id, *_columns(fields, 10))
+    landed = {
+        r[0]
+        for r in await conn.fetch(
+            INSERT_VERSIONS, tenant_id, *_columns(versions, 9), [flag for flag in flags]
+        )
+    }
+    missed = stale | {
+        (v[1], v[2]) for v, flag in zip(versions, flags, strict=True) if flag and v[6] not in landed
+    }
+    if missed:
+        # A version meant to become current was stored before (same number or event), or the
+        # current flag was not on the latest version: put it there, record by record.
+        touched = [(tenant_id, table, record) for table, record in sorted(missed, key=str)]
+        await conn.executemany(REPAIR_CLEAR_CURRENT, touched)
+        await conn.executemany(REPAIR_SET_CURRENT, touched)
     await conn.execute(
         "UPDATE audit.audit_chain_heads SET last_seq = $2, last_hash = $3, updated_at = now() "
         "WHERE tenant_id = $1",
@@ -508,6 +631,38 @@ async def _write_tenant_changes(conn: asyncpg.Connection, tenant_id: uuid.UUID, 
         previous,
     )
     return len(entries)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples as one list per column, the arrays the unnest statements take."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def _current_flags(
+    versions: Sequence[tuple[Any, ...]], latest: Mapping[tuple[str, uuid.UUID], _Latest]
+) -> tuple[list[bool], list[uuid.UUID], set[tuple[str, uuid.UUID]]]:
+    """Which new versions become current (per record, the first with the highest number, when
+    that is above every stored version), which stored current versions stop being current, and
+    which records keep a stored latest version that is not marked current (to be repaired)."""
+    top: dict[tuple[str, uuid.UUID], int] = {}
+    for i, version in enumerate(versions):
+        key = (version[1], version[2])
+        best = top.get(key)
+        if version[3] > (versions[best][3] if best is not None else latest[key].number):
+            top[key] = i
+    flags = [False] * len(versions)
+    replaced = []
+    for key, i in top.items():
+        flags[i] = True
+        current = latest[key].current_id
+        if current is not None:
+            replaced.append(current)
+    stale = {
+        key
+        for key, stored in latest.items()
+        if key not in top and stored.number and stored.current_number != stored.number
+    }
+    return flags, replaced, stale
 
 
 async def write_changes(pool: asyncpg.Pool, rows: Sequence[ChangeRow]) -> int:

@@ -8,6 +8,7 @@ verifier cannot drift apart: both hash through `entry_hash`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -46,6 +47,25 @@ class SensitiveFields:
         )
 
 
+class _Sensitivity(dict[str, bool]):
+    """Which fields of one table are sensitive under one set of rules, worked out on first sight:
+    every stored value is checked, and a log has few distinct fields."""
+
+    def __init__(self, rules: SensitiveFields, table: str) -> None:
+        super().__init__()
+        self._rules = rules
+        self._table = table
+
+    def __missing__(self, field: str) -> bool:
+        found = self[field] = self._rules.is_sensitive(self._table, field)
+        return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _sensitivity(rules: SensitiveFields, table: str) -> _Sensitivity:
+    return _Sensitivity(rules, table)
+
+
 BUILT_IN = SensitiveFields()
 
 
@@ -56,19 +76,20 @@ def mask_values(
     `ssn` inside `custom_fields` is as sensitive as a column)."""
     if values is None:
         return None
-    return {key: _mask_value(key, value, table, rules) for key, value in values.items()}
+    sensitive = _sensitivity(rules, table)
+    return {key: _mask_value(key, value, sensitive) for key, value in values.items()}
 
 
-def _mask_value(key: str, value: Any, table: str, rules: SensitiveFields) -> Any:
-    if rules.is_sensitive(table, key):
+def _mask_value(key: str, value: Any, sensitive: _Sensitivity) -> Any:
+    if sensitive[key]:
         return None if value is None else MASK
+    if value is None or isinstance(value, str | int | float):
+        return value
     if isinstance(value, Mapping):
-        return {k: _mask_value(k, v, table, rules) for k, v in value.items()}
+        return {k: _mask_value(k, v, sensitive) for k, v in value.items()}
     if isinstance(value, list):
         return [
-            {k: _mask_value(k, v, table, rules) for k, v in item.items()}
-            if isinstance(item, Mapping)
-            else item
+            {k: _mask_value(k, v, sensitive) for k, v in item.items()} if isinstance(item, Mapping) else item
             for item in value
         ]
     return value
@@ -160,6 +181,11 @@ def field_changes(
 def _canonical(value: Any) -> Any:
     # Strings and numbers are tagged so that neither can pose as the other, and numbers are
     # normalised so that what PostgreSQL's jsonb gives back (1E+2 -> 100) hashes the same.
+    if type(value) is dict:  # the common case first, its text values without a call each
+        return {
+            k if type(k) is str else str(k): "s:" + v if type(v) is str else _canonical(v)
+            for k, v in value.items()
+        }
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, str):
@@ -167,7 +193,7 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, int | float | Decimal):
         number = Decimal(str(value)).normalize()
         return "n:" + ("0" if number.is_zero() else format(number, "E"))
-    if isinstance(value, Mapping):
+    if isinstance(value, dict) or isinstance(value, Mapping):  # dict first: the ABC check is slow
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_canonical(v) for v in value]

@@ -72,6 +72,20 @@ API: EventKind[Any] = EventKind("api", API_SUBJECTS, "-api", decode_api_call, wr
 ALL_KINDS = (CHANGES, AUTH, API)
 
 
+# The trace context headers (W3C), the only ones a span needs from an event.
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+
+
+def _trace_contexts(messages: Sequence[Msg]) -> list[dict[str, str]]:
+    """The distinct trace contexts the messages carry."""
+    found: dict[tuple[str, ...], dict[str, str]] = {}
+    for message in messages:
+        headers = message.headers or {}
+        carrier = {name: headers[name] for name in TRACE_HEADERS if name in headers}
+        found.setdefault(tuple(carrier.get(name, "") for name in TRACE_HEADERS), carrier)
+    return list(found.values())
+
+
 class StreamIngest(Generic[Row]):
     def __init__(
         self,
@@ -117,22 +131,34 @@ class StreamIngest(Generic[Row]):
             self.kind.subjects, durable=self.durable, stream=STREAM_NAME, config=self._config()
         )
         lag_sampled = 0.0
-        while True:
-            if self.kind is CHANGES and time.monotonic() - lag_sampled > LAG_SAMPLE_SECONDS:
-                lag_sampled = time.monotonic()
+        # The next batch is fetched while this one is written (its acknowledgement wait starts at
+        # delivery, and a batch takes far less than ack_wait).
+        fetching: asyncio.Task[list[Msg]] | None = None
+        try:
+            while True:
+                if self.kind is CHANGES and time.monotonic() - lag_sampled > LAG_SAMPLE_SECONDS:
+                    lag_sampled = time.monotonic()
+                    try:
+                        AUDIT_CONSUMER_PENDING.set((await subscription.consumer_info()).num_pending or 0)
+                    except Exception as exc:  # a metric must never stop ingest
+                        log.debug("could not sample consumer lag", error=str(exc))
+                if fetching is None:
+                    fetching = asyncio.create_task(subscription.fetch(self._batch_size, timeout=1.0))
                 try:
-                    AUDIT_CONSUMER_PENDING.set((await subscription.consumer_info()).num_pending or 0)
-                except Exception as exc:  # a metric must never stop ingest
-                    log.debug("could not sample consumer lag", error=str(exc))
-            try:
-                messages = await subscription.fetch(self._batch_size, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.NoServersError) as exc:
-                log.warning("audit consumer lost NATS; retrying", kind=self.kind.name, error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            await self.handle(js, messages)
+                    messages = await fetching
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except (nats.errors.ConnectionClosedError, nats.errors.NoServersError) as exc:
+                    log.warning("audit consumer lost NATS; retrying", kind=self.kind.name, error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                finally:
+                    fetching = None
+                fetching = asyncio.create_task(subscription.fetch(self._batch_size, timeout=1.0))
+                await self.handle(js, messages)
+        finally:
+            if fetching is not None:
+                fetching.cancel()
 
     async def _dead_letter(self, js: JetStreamContext, message: Msg, reason: str) -> None:
         log.error(
@@ -175,10 +201,12 @@ class StreamIngest(Generic[Row]):
             for message in good:
                 await message.nak(delay=1.0)
             return
-        for message in good:
-            # The event's headers carry the writer's trace context: the ingest joins its trace.
-            with server_span(f"audit ingest {self.kind.name}", dict(message.headers or {})) as span:
+        # The events' headers carry the writers' trace contexts: the ingest joins each trace once
+        # per batch (an import's thousands of events share one).
+        for carrier in _trace_contexts(good):
+            with server_span(f"audit ingest {self.kind.name}", carrier) as span:
                 span.set_attribute("messaging.batch.message_count", len(good))
+        for message in good:
             await message.ack()
         self.ingested_total += len(rows)
         AUDIT_INGESTED.inc(len(rows))
