@@ -36,6 +36,7 @@ and is logged; it never fails a call, and the next load of the definitions tries
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -202,13 +203,29 @@ def create_index_sql(spec: IndexSpec, relation: str) -> str:
         raise ValueError(f"{spec.table!r} has no custom fields")
     if spec.field_type not in _READERS:
         raise ValueError(f"{spec.field_type} fields are not indexable")
-    expression = (
-        f"{SCHEMA}.{_READERS[spec.field_type]}(custom_fields, '{checked_field_name(spec.field_name)}')"
-    )
+    expression = index_expression(spec)
     tenant = uuid.UUID(str(spec.tenant_id))
     return (
         f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {spec.name} ON {SCHEMA}.{_identifier(relation)} "
         f"(tenant_id, ({expression})) WHERE tenant_id = '{tenant}'::uuid"
+    )
+
+
+def index_expression(spec: IndexSpec) -> str:
+    return f"{SCHEMA}.{_READERS[spec.field_type]}(custom_fields, '{checked_field_name(spec.field_name)}')"
+
+
+def statistics_sql(spec: IndexSpec) -> str:
+    """Extended statistics on the field's expression. The index is partial (one tenant), and
+    PostgreSQL takes no statistics from a partial index: without these it assumes 0.5% of the
+    rows match any value, and at 1M rows prefers walking the sort column's index over the
+    filter's (measured: 2.6 s against 26 ms for a page). One object per table and expression,
+    shared by the tenants that have a field of that name and type."""
+    expression = index_expression(spec)
+    digest = hashlib.sha256(f"{spec.table}:{expression}".encode()).hexdigest()[:32]
+    return (
+        f"CREATE STATISTICS IF NOT EXISTS {SCHEMA}.st_cf_{digest} ON ({expression}) "
+        f"FROM {SCHEMA}.{spec.table}"
     )
 
 
@@ -280,6 +297,7 @@ class IndexBuilder:
             except (asyncpg.PostgresError, ValueError) as exc:
                 await self._drop_quietly(conn, spec)
                 raise IndexBuildFailed(f"{spec.name}: {exc}") from exc
+            await self._gather_statistics(conn, spec)
             return True
         except asyncio.CancelledError:
             conn.terminate()  # shutdown: the server cancels the build; the next process rebuilds
@@ -287,6 +305,15 @@ class IndexBuilder:
         finally:
             if not conn.is_closed():
                 await conn.close(timeout=10)
+
+    @staticmethod
+    async def _gather_statistics(conn: asyncpg.Connection, spec: IndexSpec) -> None:
+        # Plans, not correctness: a failure is logged and the index still serves.
+        try:
+            await conn.execute(statistics_sql(spec))
+            await conn.execute(f"ANALYZE {SCHEMA}.{spec.table}")
+        except asyncpg.PostgresError as exc:
+            log.warning("custom field statistics failed", index=spec.name, error=str(exc))
 
     @staticmethod
     async def _drop_quietly(conn: asyncpg.Connection, spec: IndexSpec) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -123,14 +124,27 @@ def create_index_sql(spec: IndexSpec) -> str:
     """The CREATE INDEX CONCURRENTLY statement, from validated parts only."""
     if spec.field_type not in _READERS:
         raise ValueError(f"{spec.field_type} fields are not indexable")
-    name = checked_field_name(spec.field_name)
-    expression = f"custom.{_READERS[spec.field_type]}(record_data, '{name}')"
+    expression = index_expression(spec)
     object_id = uuid.UUID(str(spec.custom_object_id))
     unique = "UNIQUE " if spec.unique else ""
     return (
         f"CREATE {unique}INDEX CONCURRENTLY IF NOT EXISTS {spec.name} "
         f"ON {RECORDS_TABLE} (({expression})) WHERE custom_object_id = '{object_id}'::uuid"
     )
+
+
+def index_expression(spec: IndexSpec) -> str:
+    return f"custom.{_READERS[spec.field_type]}(record_data, '{checked_field_name(spec.field_name)}')"
+
+
+def statistics_sql(spec: IndexSpec) -> str:
+    """Extended statistics on the field's expression: the index is partial (one object), and
+    PostgreSQL takes no statistics from a partial index, so without these it assumes 0.5% of the
+    records match any value and at 1M records prefers walking the sort field's index over the
+    filter's. One object per expression, shared by the objects with a field of that name and type."""
+    expression = index_expression(spec)
+    digest = hashlib.sha256(expression.encode()).hexdigest()[:32]
+    return f"CREATE STATISTICS IF NOT EXISTS custom.st_cf_{digest} ON ({expression}) FROM {RECORDS_TABLE}"
 
 
 def drop_index_sql(field_id: uuid.UUID, unique: bool) -> str:
@@ -169,6 +183,11 @@ class IndexBuilder:
             if valid is False:  # IF NOT EXISTS found an invalid leftover of an interrupted build
                 await conn.execute(drop_index_sql(spec.field_id, spec.unique))
                 await conn.execute(create_index_sql(spec))
+            try:  # plans, not correctness: a failure is logged and the index still serves
+                await conn.execute(statistics_sql(spec))
+                await conn.execute(f"ANALYZE {RECORDS_TABLE}")
+            except asyncpg.PostgresError as exc:
+                log.warning("custom field statistics failed", index=spec.name, error=str(exc))
         finally:
             await conn.close()
 
