@@ -720,3 +720,24 @@ def values_to_proto(
     return {
         name: to_field_value(value, types.get(name)) for name, value in values.items() if value is not None
     }
+
+
+#: The typed SQL reader (`<schema>.<reader>(jsonb, text)`) of each indexable field type; the
+#: services that index custom field values (core-entity, custom-object) each create these
+#: readers in their own schema. textarea and url values may exceed a B-tree entry, and
+#: multipicklist values are lists: those are filterable, not indexed.
+INDEX_READERS: Final[Mapping[str, str]] = {
+    "number": "field_bigint",
+    "decimal": "field_numeric",
+    "currency": "field_numeric",
+    "percent": "field_numeric",
+    "date": "field_date",
+    "datetime": "field_timestamptz",
+    "boolean": "field_boolean",
+    "text": "field_text",
+    "email": "field_text",
+    "phone": "field_text",
+    "picklist": "field_text",
+    "lookup": "field_text",
+    "master_detail": "field_text",
+}

@@ -51,7 +51,7 @@ from sqlalchemy.sql.functions import func
 from services.core_entity import SCHEMA
 from services.core_entity.domain.model import ENTITIES
 from shared.db import asyncpg_dsn
-from shared.fieldtypes import FieldDefinition
+from shared.fieldtypes import INDEX_READERS, FieldDefinition
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -61,23 +61,8 @@ log = get_logger(__name__)
 FIELD_NAME: Final = re.compile(r"[a-z][a-z0-9_]*[a-z0-9]")
 MAX_FIELD_NAME: Final = 63
 
-#: The SQL reader of each indexable field type (migration 0004). textarea and url values may
-#: exceed a B-tree entry, and multipicklist values are lists: those are filterable, not indexed.
-_READERS: Final[Mapping[str, str]] = {
-    "number": "field_bigint",
-    "decimal": "field_numeric",
-    "currency": "field_numeric",
-    "percent": "field_numeric",
-    "date": "field_date",
-    "datetime": "field_timestamptz",
-    "boolean": "field_boolean",
-    "text": "field_text",
-    "email": "field_text",
-    "phone": "field_text",
-    "picklist": "field_text",
-    "lookup": "field_text",
-    "master_detail": "field_text",
-}
+#: The SQL reader of each indexable field type (migration 0004 creates them in `core`).
+_READERS: Final = INDEX_READERS
 _RESULT_TYPES: Final[Mapping[str, Any]] = {
     "field_bigint": BigInteger,
     "field_numeric": Numeric,

@@ -38,28 +38,15 @@ from sqlalchemy.sql.functions import func
 from services.custom_object.adapters.tables import custom_object_records
 from services.custom_object.domain.rules import API_NAME
 from shared.db import asyncpg_dsn
+from shared.fieldtypes import INDEX_READERS
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 RECORDS_TABLE: Final = "custom.custom_object_records"
 
-#: The SQL reader of each indexable field type (see migration 0002).
-_READERS: Final[Mapping[str, str]] = {
-    "number": "field_bigint",
-    "decimal": "field_numeric",
-    "currency": "field_numeric",
-    "percent": "field_numeric",
-    "date": "field_date",
-    "datetime": "field_timestamptz",
-    "boolean": "field_boolean",
-    "text": "field_text",
-    "email": "field_text",
-    "phone": "field_text",
-    "picklist": "field_text",
-    "lookup": "field_text",
-    "master_detail": "field_text",
-}
+#: The SQL reader of each indexable field type (migration 0002 creates them in `custom`).
+_READERS: Final = INDEX_READERS
 #: Every reader function, for docs and the LEAKPROOF grant a superuser may run.
 READER_FUNCTIONS: Final = tuple(sorted(set(_READERS.values())))
 
