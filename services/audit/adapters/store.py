@@ -17,6 +17,7 @@ group is then undone to a savepoint and chained again without them.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import uuid
@@ -251,6 +252,8 @@ def _text(value: str, limit: int) -> str | None:
     return value[:limit] or None
 
 
+# Pure, and the events of one call (an import's thousands) carry the same address.
+@functools.lru_cache(maxsize=4096)
 def _valid_ip(value: str) -> str | None:
     if not value:
         return None

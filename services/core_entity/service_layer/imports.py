@@ -1,12 +1,15 @@
 """Bulk import and export of core records as text rows (the shape of a CSV line).
 
 Import checks every row with the same rules as Create (parsing, field rules, custom fields,
-references, uniqueness), then writes the valid rows of a batch with COPY. PostgreSQL refuses
-COPY FROM into a table with row-level security, so rows are copied into a temporary staging
-table first and moved with one INSERT ... SELECT, which the tenant policy still checks.
-`core.import_rows` records which row indexes of an import id have landed, so a retried import
-skips them instead of creating them twice; a lock on the import id makes concurrent retries
-take turns.
+references, uniqueness) and writes a batch in one transaction, with one event per record like
+Create. A batch is prepared first, outside any transaction: the rules that need no database, and
+each row built with its INSERT event (`prepare`). Then its transaction runs the rules that need
+the database and writes it with a few statements on the transaction's asyncpg connection
+(`write`): the records with one INSERT ... SELECT FROM unnest (PostgreSQL refuses COPY into a
+table with row-level security; this goes through the tenant policy), the events with COPY into
+the outbox, and `core.import_rows`, which records which row indexes of an import id have landed,
+so a retried import skips them instead of creating them twice; a lock on the import id makes
+concurrent retries take turns.
 """
 
 from __future__ import annotations
@@ -377,7 +380,6 @@ class PreparedBatch:
     spec: EntitySpec
     tenant_id: uuid.UUID
     actor: uuid.UUID
-    now: dt.datetime
     rows: list[PreparedRow]
     errors: dict[int, list[FieldViolation]]
     #: Builds a stored row and its outbox row from a checked record.
@@ -459,7 +461,7 @@ class Importer:
         custom_types = await self._entities.custom_types(spec)
         tenant_id, actor, now = uuid.UUID(self._entities.tenant()), call_actor(), dt.datetime.now(dt.UTC)
         build = RowBuilder(spec, tenant_id, actor, now)
-        batch = PreparedBatch(spec, tenant_id, actor, now, [], {}, build)
+        batch = PreparedBatch(spec, tenant_id, actor, [], {}, build)
         defined = await self._has_custom_fields(spec, str(tenant_id))
         for position, (index, values) in enumerate(rows, 1):
             try:
