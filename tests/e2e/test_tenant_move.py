@@ -207,8 +207,9 @@ async def count_on(dsn: str, tenant_id: str) -> int:
 
 
 class Writer:
-    """Creates an account and renames an earlier one, again and again, for one tenant, routed
-    by the directory and refused by the shard guard exactly as a backend would be."""
+    """Creates an account, renames an earlier one and every third time deletes another, again
+    and again, for one tenant, routed by the directory and refused by the shard guard exactly as
+    a backend would be."""
 
     def __init__(self, suite: Stack, shards: Shards, tenant_id: str, user_id: str) -> None:
         self.suite = suite
@@ -216,6 +217,7 @@ class Writer:
         self.tenant_id = tenant_id
         self.user_id = user_id
         self.acked: dict[str, str] = {}  # account id -> last acknowledged name
+        self.deleted: set[str] = set()  # acknowledged deletions
         self.events = 0
         self.refusals = 0
         self.longest_stall = 0.0
@@ -303,12 +305,36 @@ class Writer:
                     version=2,
                 )
                 renamed = (earlier, new_name)
+            deleted: str | None = None
+            others = sorted(set(self.acked) - {renamed[0] if renamed else ""})
+            if step % 3 == 0 and others:
+                deleted = secrets.choice(others)
+                result = await uow.session.execute(
+                    text("DELETE FROM core.accounts WHERE id = :id"), {"id": deleted}
+                )
+                assert result.rowcount == 1, "an acknowledged account is missing"  # type: ignore[attr-defined]
+                await record_change(
+                    uow.session,
+                    schema="core",
+                    service="core_entity",
+                    table="accounts",
+                    tenant_id=self.tenant_id,
+                    record_id=deleted,
+                    operation="DELETE",
+                    old={"name": self.acked[deleted]},
+                    new=None,
+                    version=3,
+                )
             await uow.commit()
         # Acknowledged only once committed.
         self.acked[account_id] = name
         self.events += 1
         if renamed is not None:
             self.acked[renamed[0]] = renamed[1]
+            self.events += 1
+        if deleted is not None:
+            del self.acked[deleted]
+            self.deleted.add(deleted)
             self.events += 1
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -411,6 +437,8 @@ async def test_a_tenant_moves_online_with_writers_on_both_tenants(
     missing = {k: v for k, v in writer.acked.items() if on_target.get(k) != v}
     assert not missing, f"{len(missing)} acknowledged writes are not on the target"
     assert len(writer.acked) > 20
+    # ...no acknowledged deletion came back...
+    assert writer.deleted and not writer.deleted & set(on_target)
     # ...nothing of the tenant remains on the source...
     assert await count_on(shards.dsn(source), moving.tenant.id) == 0
     assert await count_on(shards.dsn(target), moving.tenant.id) >= seeded

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from services.tenant.adapters.secrets_box import SecretBox
 from services.tenant.domain import credentials, rules
-from services.tenant.domain.moves import TableInfo, copy_order, delta
+from services.tenant.domain.moves import TableInfo, copy_order, rows_vanished
 from shared import shard_guard
 from shared.errors import Unavailable
 from shared.events import to_json
@@ -158,8 +158,15 @@ def test_a_cycle_between_tables_still_yields_every_table_once() -> None:
     assert sorted(t.name for t in order) == ["a", "b", "c"]
 
 
-def test_delta_finds_new_changed_and_deleted_rows() -> None:
-    change = delta({"1": "x", "2": "y", "3": "z"}, {"1": "x", "2": "old", "4": "gone"})
-    assert change.upsert == ["2", "3"]
-    assert change.delete == ["4"]
-    assert change.size == 3
+def test_no_rows_vanished_when_the_count_is_the_known_rows_plus_the_new_ones() -> None:
+    known = {"1", "2", "3"}
+    # "2" was updated and "4" inserted since: four rows, nothing deleted.
+    assert not rows_vanished(known, {"2", "4"}, 4)
+    assert not rows_vanished(known, set(), 3)
+
+
+def test_a_deletion_shows_in_the_count_even_beside_an_insert() -> None:
+    known = {"1", "2", "3"}
+    assert rows_vanished(known, set(), 2)
+    # One deleted, one inserted: three rows, as before, but one more was expected.
+    assert rows_vanished(known, {"4"}, 3)

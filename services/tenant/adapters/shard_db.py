@@ -10,6 +10,7 @@ Identifiers come from the catalog and are quoted; values are always bound parame
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,12 @@ from shared.migrations import upgrade
 SHARD_MIGRATIONS = Path(__file__).resolve().parent.parent / "shard_migrations"
 SERVICES = Path(__file__).resolve().parent.parent.parent
 DATA_SCHEMAS = ("core", "custom")
+# COPY hands rows over in pieces as they arrive; a few buffered between the shards keep both
+# busy without holding the table in memory.
+_CHUNKS_IN_FLIGHT = 8
+# Row digests and versions are read through a cursor, so a large tenant's rows are never all
+# held as records at once on top of the map built from them.
+_CURSOR_PREFETCH = 5_000
 
 
 def quote(name: str) -> str:
@@ -151,31 +158,48 @@ def _key_expr(table: TableInfo, alias: str = "") -> str:
 
 
 async def digests(
-    conn: asyncpg.Connection, table: TableInfo, tenant_id: str, keys: list[str] | None = None
-) -> dict[str, tuple[str, str]]:
-    """Primary key -> (md5 of the row, the row version's xmin) for the tenant's rows of one
-    table, or only those with the given keys."""
-    where = "tenant_id = $1::uuid" + (
-        f" AND {_key_expr(table, 't')} = ANY($2::text[])" if keys is not None else ""
+    conn: asyncpg.Connection,
+    table: TableInfo,
+    tenant_id: str,
+    *,
+    keys: list[str] | None = None,
+    written_since: int | None = None,
+) -> dict[str, str]:
+    """Primary key -> md5 of the row, for the tenant's rows of one table: all of them, those
+    with the given keys, or those written since a horizon (see `horizon`)."""
+    where, args = "tenant_id = $1::uuid", list[Any]([tenant_id])
+    if keys is not None:
+        where += f" AND {_key_expr(table, 't')} = ANY($2::text[])"
+        args.append(keys)
+    if written_since is not None:
+        # xmin is the 32-bit id of the transaction that wrote the row version; compared modulo
+        # 2^32 like PostgreSQL does, so it holds across xid wraparound. Ids below 3 are the
+        # special frozen and bootstrap ids: written long ago.
+        where += (
+            " AND t.xmin::text::bigint >= 3"
+            f" AND ((t.xmin::text::bigint - ${len(args) + 1}::bigint) & 4294967295) < 2147483648"
+        )
+        args.append(written_since & 0xFFFFFFFF)
+    query = (
+        f"SELECT {_key_expr(table, 't')} AS k, md5({_row_text(table)}) AS d "
+        f"FROM {qualified(table)} t WHERE {where}"
     )
-    args: list[Any] = [tenant_id] if keys is None else [tenant_id, keys]
-    rows = await conn.fetch(
-        f"SELECT {_key_expr(table, 't')} AS k, md5({_row_text(table)}) AS d, t.xmin::text AS x "
-        f"FROM {qualified(table)} t WHERE {where}",
-        *args,
-    )
-    return {r["k"]: (r["d"], r["x"]) for r in rows}
+    return {r["k"]: r["d"] async for r in conn.cursor(query, *args, prefetch=_CURSOR_PREFETCH)}
 
 
-async def row_versions(conn: asyncpg.Connection, table: TableInfo, tenant_id: str) -> dict[str, str]:
-    """Primary key -> xmin of the tenant's rows: every committed insert or update gives a row a
-    new xmin, so comparing two readings finds what changed without hashing every row."""
-    rows = await conn.fetch(
-        f"SELECT {_key_expr(table, 't')} AS k, t.xmin::text AS x "
-        f"FROM {qualified(table)} t WHERE tenant_id = $1::uuid",
-        tenant_id,
-    )
-    return {r["k"]: r["x"] for r in rows}
+async def horizon(conn: asyncpg.Connection) -> int:
+    """The oldest transaction id still running when this REPEATABLE READ transaction's snapshot
+    was taken. Every row version the snapshot cannot see was written by that transaction or a
+    later one, and so was every row version written after it (a subtransaction's id is always
+    above its parent's), so `digests(written_since=...)` with it finds every change since the
+    snapshot. Transactions that committed while it ran are found too, and copied again
+    unchanged: harmless."""
+    return int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
+
+
+async def keys(conn: asyncpg.Connection, table: TableInfo, tenant_id: str) -> set[str]:
+    query = f"SELECT {_key_expr(table, 't')} AS k FROM {qualified(table)} t WHERE tenant_id = $1::uuid"
+    return {r["k"] async for r in conn.cursor(query, tenant_id, prefetch=_CURSOR_PREFETCH)}
 
 
 async def row_count(conn: asyncpg.Connection, table: TableInfo, tenant_id: str) -> int:
@@ -211,6 +235,47 @@ async def fetch_rows_json(
     )
     assert row is not None
     return str(row["rows"]), int(row["n"])
+
+
+async def stream_rows(
+    source: asyncpg.Connection, target: asyncpg.Connection, table: TableInfo, tenant_id: str
+) -> int:
+    """Copies all the tenant's rows of one table from source to target with binary COPY, a few
+    chunks in flight at a time, so the move's memory does not grow with the tenant.
+
+    PostgreSQL refuses COPY FROM into a table with row-level security, so the rows land in a
+    temporary table first and one INSERT ... SELECT moves them: the tenant policy still checks
+    every row, and foreign keys within the table (an account tree) are checked once, at the end
+    of that statement."""
+    cols = ", ".join(quote(c) for c in table.columns)
+    staging_name = f"move_{table.schema}_{table.name}"
+    staging = quote(staging_name)
+    await target.execute(
+        f"CREATE TEMPORARY TABLE {staging} ON COMMIT DROP "
+        f"AS SELECT {cols} FROM {qualified(table)} WITH NO DATA"
+    )
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=_CHUNKS_IN_FLIGHT)
+
+    async def read() -> None:
+        await source.copy_from_query(
+            f"SELECT {cols} FROM {qualified(table)} WHERE tenant_id = $1::uuid",
+            tenant_id,
+            output=chunks.put,
+            format="binary",
+        )
+        await chunks.put(None)
+
+    async def received() -> AsyncIterator[bytes]:
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
+
+    # If either side fails, the group cancels the other and the move rolls back.
+    async with asyncio.TaskGroup() as group:
+        group.create_task(read())
+        group.create_task(target.copy_to_table(staging_name, source=received(), format="binary"))
+    status = await target.execute(f"INSERT INTO {qualified(table)} ({cols}) SELECT {cols} FROM {staging}")
+    await target.execute(f"DROP TABLE {staging}")
+    return int(status.split()[-1])
 
 
 async def insert_rows_json(conn: asyncpg.Connection, table: TableInfo, rows_json: str, upsert: bool) -> None:

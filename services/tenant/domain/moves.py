@@ -1,8 +1,9 @@
 """Rules of a tenant move that need no database: the move's phases, the order tables are copied
-and cleaned in, and how two sides' row digests differ."""
+and cleaned in, and whether rows vanished between two readings of the source."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 PHASES = ("pending", "copying", "catching_up", "blocked", "cleaning_up", "completed", "failed")
@@ -55,10 +56,8 @@ class Delta:
         return len(self.upsert) + len(self.delete)
 
 
-def delta(source: dict[str, str], target: dict[str, str]) -> Delta:
-    """Keys to copy (new or changed on the source) and keys to delete (gone from the source),
-    from each side's primary key -> row digest map."""
-    return Delta(
-        upsert=sorted(key for key, digest in source.items() if target.get(key) != digest),
-        delete=sorted(key for key in target if key not in source),
-    )
+def rows_vanished(known: Collection[str], written: Collection[str], count: int) -> bool:
+    """Whether rows were deleted from a source table since `known` (its primary keys then) was
+    read, given the keys written since and the table's row count now: without deletions the
+    count is every known row plus each written row that is new."""
+    return count != len(known) + sum(1 for key in written if key not in known)

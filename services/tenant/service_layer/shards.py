@@ -4,8 +4,8 @@ listing them with their load, changing them, and moving a tenant between shards 
 A move (see docs/tenant.md for the protocol):
   1. target membership 'incoming' (the target's backends refuse the tenant), stale rows purged;
   2. bulk copy from a REPEATABLE READ snapshot of the source while writes go on;
-  3. catch-up, twice, writes still on: copy what changed meanwhile (first by row digests on
-     both sides, then by the source's row versions); then every table's count and checksum
+  3. catch-up, twice, writes still on: copy the rows written since the last round's snapshot
+     (found by the source from their transaction ids); then every table's count and checksum
      compared;
   4. block: source membership 'blocked' (waits for writes in flight; later writes are refused
      with UNAVAILABLE); the last delta is copied; counts and the touched rows compared;
@@ -35,7 +35,7 @@ from services.tenant.adapters import shard_db
 from services.tenant.adapters.secrets_box import SecretBox
 from services.tenant.adapters.tables import shards, tenant_moves, tenant_shards, tenants
 from services.tenant.domain import rules
-from services.tenant.domain.moves import Delta, TableInfo, delta
+from services.tenant.domain.moves import Delta, TableInfo, rows_vanished
 from services.tenant.service_layer.common import (
     check_mask,
     now,
@@ -486,8 +486,8 @@ class ShardUseCases:
             await run.roll_back(int(move["epoch"]), f"{type(exc).__name__}: {exc}")
 
 
-# Per table: primary key -> (row digest, xmin) of the source rows a round copied.
-SourceState = dict[str, dict[str, tuple[str, str]]]
+# Per table: primary key -> row digest of the source rows the target holds.
+SourceState = dict[str, dict[str, str]]
 
 
 def checksum_of(digests: dict[str, str]) -> str:
@@ -515,6 +515,8 @@ class _MoveRun:
         self.flipped = False
         self.blocked_at: float | None = None
         self.last_round: dict[str, Delta] = {}
+        #: The source snapshot's oldest running transaction id, as of the last round.
+        self.horizon = 0
 
     async def execute(self, epoch: int, target_shard_id: str) -> None:
         tenant_id = self.tenant_id
@@ -522,12 +524,12 @@ class _MoveRun:
         await shard_db.purge_tenant(self.target_dsn, tenant_id)
 
         await self.owner._update_move(self.move_id, phase="copying")
-        tables = await self._bulk_copy()
+        tables, state = await self._bulk_copy()
 
         await self.owner._update_move(self.move_id, phase="catching_up", rows_copied=self.rows_copied)
         # Two rounds while writes go on: the second copies only what changed during the first,
         # so the round inside the write block has little left to do.
-        state = await self._copy_delta(tables)
+        state = await self._copy_delta(tables, state)
         state = await self._copy_delta(tables, state)
         # The full per-table count and checksum comparison runs here, before the block: the
         # target is 'incoming' (its backends refuse the tenant), so only this move writes it,
@@ -540,7 +542,7 @@ class _MoveRun:
         blocked = time.perf_counter() - self.blocked_at
         frozen = await self._copy_delta(tables, state)
         synced = time.perf_counter() - self.blocked_at
-        verified = await self._verify_last_round(tables, frozen)
+        await self._verify_last_round(tables, frozen)
         log.info(
             "tenant move: writes blocked",
             move_id=str(self.move_id),
@@ -572,7 +574,6 @@ class _MoveRun:
                     phase="cleaning_up",
                     epoch=new_epoch,
                     rows_copied=self.rows_copied,
-                    verified_tables=verified,
                     updated_at=now(),
                 )
             )
@@ -589,16 +590,26 @@ class _MoveRun:
                 await asyncio.sleep(0.2 * (attempt + 1))
         block_ms = int((time.perf_counter() - self.blocked_at) * 1000)
         log.info("tenant move: writes released", move_id=str(self.move_id), write_block_ms=block_ms)
-        await self.owner._update_move(self.move_id, write_block_ms=block_ms)
+        # The report's checksums sort every row digest: done once the writes are released.
+        verified = [
+            f"{table.qualified} rows={len(frozen[table.qualified])} "
+            f"checksum={checksum_of(frozen[table.qualified])[:12]} ok"
+            for table in tables
+        ]
+        await self.owner._update_move(self.move_id, write_block_ms=block_ms, verified_tables=verified)
         await self.clean_source()
         await self.owner._update_move(self.move_id, phase="completed")
 
-    async def _bulk_copy(self) -> list[TableInfo]:
-        # One REPEATABLE READ snapshot of the source for every table, so foreign keys between
-        # the copied tables are consistent; the target gets it all in one transaction.
+    async def _bulk_copy(self) -> tuple[list[TableInfo], SourceState]:
+        """Copies every table from one REPEATABLE READ snapshot of the source, so foreign keys
+        between the copied tables are consistent; the target gets it all in one transaction.
+        Returns the snapshot's row digests, which the target now equals; the first catch-up
+        round reads only what was written since (`self.horizon`)."""
+        state: SourceState = {}
         async with shard_db.tenant_transaction(
             self.source_dsn, self.tenant_id, isolation="repeatable_read", readonly=True
         ) as source:
+            self.horizon = await shard_db.horizon(source)
             tables = await shard_db.tenant_tables(source)
             async with shard_db.tenant_transaction(self.target_dsn, self.tenant_id) as target:
                 target_tables = {t.qualified: t for t in await shard_db.tenant_tables(target)}
@@ -611,53 +622,44 @@ class _MoveRun:
                         )
                     if not table.primary_key:
                         raise FailedPrecondition(f"{table.qualified} has no primary key; it cannot be moved")
-                    rows_json, count = await shard_db.fetch_rows_json(source, table, self.tenant_id)
-                    if count:
-                        await shard_db.insert_rows_json(target, table, rows_json, upsert=False)
-                    self.rows_copied += count
+                    self.rows_copied += await shard_db.stream_rows(source, target, table, self.tenant_id)
+                    state[table.qualified] = await shard_db.digests(source, table, self.tenant_id)
                 await self.owner._update_move(self.move_id, rows_total=self.rows_copied)
-        return tables
+        return tables, state
 
-    async def _copy_delta(self, tables: list[TableInfo], previous: SourceState | None = None) -> SourceState:
-        """Copies what differs between source and target and returns the source's state
-        (primary key -> row digest and xmin) as copied.
+    async def _copy_delta(self, tables: list[TableInfo], state: SourceState) -> SourceState:
+        """Copies to the target what was written on the source since the last round's snapshot
+        (`self.horizon`) and returns `state`, the source rows the target holds, updated in place
+        (a large tenant's state is big, and the old one is not needed again).
 
-        Without `previous`, both sides are hashed row by row. With the state the last round
-        copied, the target is known to hold exactly that, so only the source's row versions
-        are read and just the rows whose xmin changed (or that appeared or vanished) are
-        copied: far less work inside the write block. Verification afterwards reads the target
-        itself, so a wrong assumption fails the move rather than passing unnoticed."""
-        state: SourceState = {}
+        The source finds the rows written since on its own, so a round costs one scan there and
+        sends back only those rows: little work inside the write block. A count tells whether
+        rows vanished; only then are the keys read to find which. Verification afterwards reads
+        the target itself, so a wrong assumption fails the move rather than passing unnoticed."""
         async with (
             shard_db.tenant_transaction(
                 self.source_dsn, self.tenant_id, isolation="repeatable_read", readonly=True
             ) as source,
             shard_db.tenant_transaction(self.target_dsn, self.tenant_id) as target,
         ):
+            since, self.horizon = self.horizon, await shard_db.horizon(source)
             deltas: list[tuple[TableInfo, Delta]] = []
             for table in tables:
-                if previous is None:
-                    # Two connections, two servers: read both sides at once.
-                    on_source, on_target = await asyncio.gather(
-                        shard_db.digests(source, table, self.tenant_id),
-                        shard_db.digests(target, table, self.tenant_id),
-                    )
-                    change = delta(
-                        {k: d for k, (d, _) in on_source.items()}, {k: d for k, (d, _) in on_target.items()}
-                    )
-                    state[table.qualified] = on_source
-                else:
-                    known = previous[table.qualified]
-                    versions = await shard_db.row_versions(source, table, self.tenant_id)
-                    changed = [k for k, x in versions.items() if k not in known or known[k][1] != x]
-                    change = Delta(
-                        upsert=sorted(changed), delete=sorted(k for k in known if k not in versions)
-                    )
-                    fresh = await shard_db.digests(source, table, self.tenant_id, changed) if changed else {}
-                    state[table.qualified] = {
-                        **{k: v for k, v in known.items() if k in versions and k not in fresh},
-                        **fresh,
-                    }
+                known = state[table.qualified]
+                written = await shard_db.digests(source, table, self.tenant_id, written_since=since)
+                count = await shard_db.row_count(source, table, self.tenant_id)
+                gone = (
+                    set(known) - await shard_db.keys(source, table, self.tenant_id)
+                    if rows_vanished(known, written, count)
+                    else set()
+                )
+                change = Delta(
+                    upsert=sorted(k for k, digest in written.items() if known.get(k) != digest),
+                    delete=sorted(gone),
+                )
+                for key in gone:
+                    del known[key]
+                known.update(written)
                 deltas.append((table, change))
             self.last_round = {table.qualified: change for table, change in deltas}
             # Deletions children first, upserts parents first.
@@ -673,13 +675,12 @@ class _MoveRun:
                     self.rows_copied += count
         return state
 
-    async def _verify(self, tables: list[TableInfo], source_state: SourceState) -> list[str]:
+    async def _verify(self, tables: list[TableInfo], source_state: SourceState) -> None:
         """Per table: the target's row count and checksum (over every row's digest) must equal
-        the frozen source's."""
-        verified = []
+        the source's as last copied."""
         async with shard_db.tenant_transaction(self.target_dsn, self.tenant_id, readonly=True) as target:
             for table in tables:
-                expected = {k: d for k, (d, _) in source_state[table.qualified].items()}
+                expected = source_state[table.qualified]
                 source_sum = (len(expected), checksum_of(expected))
                 # Counted and summed on the target's server: one row back per table.
                 target_sum = await shard_db.checksum(target, table, self.tenant_id)
@@ -689,29 +690,23 @@ class _MoveRun:
                         f"verification failed for {table.qualified}: source {source_sum[0]} rows, "
                         f"target {target_sum[0]} rows, checksums {sums}"
                     )
-                verified.append(f"{table.qualified} rows={source_sum[0]} checksum={source_sum[1][:12]} ok")
-        return verified
 
-    async def _verify_last_round(self, tables: list[TableInfo], source_state: SourceState) -> list[str]:
+    async def _verify_last_round(self, tables: list[TableInfo], source_state: SourceState) -> None:
         """Inside the write block: every table's row count, and the rows the last round touched
         compared digest by digest. Together with the full comparison before the block (and no
         other writer on the target) the target now equals the frozen source."""
-        verified = []
         async with shard_db.tenant_transaction(self.target_dsn, self.tenant_id, readonly=True) as target:
             for table in tables:
                 expected = source_state[table.qualified]
                 count = await shard_db.row_count(target, table, self.tenant_id)
                 touched = self.last_round[table.qualified].upsert
-                found = await shard_db.digests(target, table, self.tenant_id, touched) if touched else {}
-                wrong = [k for k in touched if found.get(k, ("", ""))[0] != expected[k][0]]
+                found = await shard_db.digests(target, table, self.tenant_id, keys=touched) if touched else {}
+                wrong = [k for k in touched if found.get(k) != expected[k]]
                 if count != len(expected) or wrong:
                     raise FailedPrecondition(
                         f"verification failed for {table.qualified}: source {len(expected)} rows, "
                         f"target {count} rows, {len(wrong)} changed rows differ"
                     )
-                checksum = checksum_of({k: d for k, (d, _) in expected.items()})
-                verified.append(f"{table.qualified} rows={count} checksum={checksum[:12]} ok")
-        return verified
 
     async def clean_source(self) -> None:
         await shard_db.purge_tenant(self.source_dsn, self.tenant_id)
