@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from crm.v1 import events_pb2, gateway_pb2_grpc
 from gateway.api_audit import ApiAuditPublisher
 from gateway.directory import Directory
+from gateway.fairness import TenantConcurrency
 from gateway.proxy import Backends, Proxy
 from gateway.ratelimit import RateLimiter
 from gateway.routing import build_routes, service_names
@@ -33,6 +34,7 @@ class Gateway:
         self.routes = build_routes()
         self.backends = Backends(settings.tenant_address, settings.audit_address, settings.max_message_bytes)
         self.rate_limiter = RateLimiter.from_setting(settings.rate_limits)
+        self.concurrency = TenantConcurrency(settings.tenant_concurrency)
         self.nats: NatsClient | None = None
         self.api_audit = ApiAuditPublisher(self._jetstream)
         self.directory: Directory | None = None
@@ -55,6 +57,7 @@ class Gateway:
                 self.settings.internal_token.get_secret_value(),
                 self.settings.default_deadline_seconds,
                 self.rate_limiter,
+                self.concurrency,
                 self.api_audit,
             )
         )

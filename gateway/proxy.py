@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind
 from crm.v1 import events_pb2
 from gateway.api_audit import ApiAuditPublisher
 from gateway.directory import Directory, Principal
+from gateway.fairness import TenantConcurrency
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Access, Backend, Route
 from shared import context as callctx
@@ -128,6 +130,7 @@ class Proxy(grpc.GenericRpcHandler):
         internal_token: str,
         default_deadline: float,
         rate_limiter: RateLimiter,
+        concurrency: TenantConcurrency,
         api_audit: ApiAuditPublisher,
     ) -> None:
         self._routes = routes
@@ -136,6 +139,7 @@ class Proxy(grpc.GenericRpcHandler):
         self._internal_token = internal_token
         self._default_deadline = default_deadline
         self._rate_limiter = rate_limiter
+        self._concurrency = concurrency
         self._api_audit = api_audit
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -230,6 +234,13 @@ class Proxy(grpc.GenericRpcHandler):
             shard.core_entity_address if route.backend is Backend.CORE_ENTITY else shard.custom_object_address
         )
 
+    def _slot(self, call: _Call) -> AbstractAsyncContextManager[None]:
+        """The tenant's share of the backends for this call (none for platform calls)."""
+        principal = call.principal
+        if principal is None or principal.platform_admin:
+            return nullcontext()
+        return self._concurrency.slot(principal.tenant_id)
+
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self._default_deadline if remaining is None else max(remaining, 0.001)
@@ -241,23 +252,24 @@ class Proxy(grpc.GenericRpcHandler):
             call = _Call(route, request_size=len(request))
             try:
                 await self._prepare(call, context)
-                for attempt in (1, 2):
-                    try:
-                        target = self._backends.callable(call.address, route)
-                        response: bytes = await target(
-                            request, metadata=call.metadata, timeout=self._timeout(context)
-                        )
-                        call.response_size = len(response)
-                        return response
-                    except grpc.aio.AioRpcError as exc:
-                        reason = _route_refusal(exc)
-                        if attempt == 1 and reason:
-                            if reason == "TENANT_WRITE_BLOCKED":
-                                # A move holds writes for well under a second; wait for the flip.
-                                await asyncio.sleep(WRITE_BLOCK_RETRY_DELAY)
-                            await self._target(call, refresh=True)
-                            continue
-                        raise
+                async with self._slot(call):
+                    for attempt in (1, 2):
+                        try:
+                            target = self._backends.callable(call.address, route)
+                            response: bytes = await target(
+                                request, metadata=call.metadata, timeout=self._timeout(context)
+                            )
+                            call.response_size = len(response)
+                            return response
+                        except grpc.aio.AioRpcError as exc:
+                            reason = _route_refusal(exc)
+                            if attempt == 1 and reason:
+                                if reason == "TENANT_WRITE_BLOCKED":
+                                    # A move holds writes for well under a second; wait for the flip.
+                                    await asyncio.sleep(WRITE_BLOCK_RETRY_DELAY)
+                                await self._target(call, refresh=True)
+                                continue
+                            raise
             except Exception as exc:
                 await self._fail(call, context, exc)
             finally:
@@ -280,9 +292,10 @@ class Proxy(grpc.GenericRpcHandler):
             try:
                 await self._prepare(call, context)
                 target = self._backends.callable(call.address, route)
-                response: bytes = await target(
-                    counted(), metadata=call.metadata, timeout=self._timeout(context)
-                )
+                async with self._slot(call):
+                    response: bytes = await target(
+                        counted(), metadata=call.metadata, timeout=self._timeout(context)
+                    )
                 call.response_size = len(response)
                 return response
             except Exception as exc:
@@ -301,9 +314,12 @@ class Proxy(grpc.GenericRpcHandler):
             try:
                 await self._prepare(call, context)
                 target = self._backends.callable(call.address, route)
-                async for response in target(request, metadata=call.metadata, timeout=self._timeout(context)):
-                    call.response_size += len(response)
-                    yield response
+                async with self._slot(call):
+                    async for response in target(
+                        request, metadata=call.metadata, timeout=self._timeout(context)
+                    ):
+                        call.response_size += len(response)
+                        yield response
             except Exception as exc:
                 await self._fail(call, context, exc)
             finally:
@@ -321,11 +337,12 @@ class Proxy(grpc.GenericRpcHandler):
             try:
                 await self._prepare(call, context)
                 target = self._backends.callable(call.address, route)
-                async for response in target(
-                    requests, metadata=call.metadata, timeout=self._timeout(context)
-                ):
-                    call.response_size += len(response)
-                    yield response
+                async with self._slot(call):
+                    async for response in target(
+                        requests, metadata=call.metadata, timeout=self._timeout(context)
+                    ):
+                        call.response_size += len(response)
+                        yield response
             except Exception as exc:
                 await self._fail(call, context, exc)
             finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from crm.v1 import events_pb2
 from gateway.api_audit import ApiAuditPublisher
+from gateway.fairness import TenantConcurrency
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Access, Backend, build_routes
 
@@ -28,6 +30,57 @@ def test_unknown_plans_get_the_basic_limit_and_settings_override() -> None:
     limiter = RateLimiter.from_setting('{"enterprise": [1, 1]}')
     assert limiter.try_acquire("t", "enterprise") == 0.0
     assert limiter.try_acquire("t", "enterprise") > 0
+
+
+async def test_a_tenant_over_its_concurrency_waits_in_order_while_others_pass() -> None:
+    slots = TenantConcurrency(2)
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def call(tenant: str, name: str) -> None:
+        async with slots.slot(tenant):
+            entered.append(name)
+            await release.wait()
+
+    flood = [asyncio.create_task(call("a", f"a{i}")) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert entered == ["a0", "a1"]
+    assert slots.in_flight("a") == 5  # two in the backends, three waiting
+    neighbour = asyncio.create_task(call("b", "b0"))
+    await asyncio.sleep(0.01)
+    assert entered[-1] == "b0"  # not queued behind the flood
+    release.set()
+    await asyncio.gather(*flood, neighbour)
+    assert [name for name in entered if name.startswith("a")] == ["a0", "a1", "a2", "a3", "a4"]
+    assert slots.in_flight("a") == slots.in_flight("b") == 0
+
+
+async def test_a_cancelled_wait_gives_up_its_place_and_leaves_nothing_behind() -> None:
+    slots = TenantConcurrency(1)
+    release = asyncio.Event()
+
+    async def call() -> None:
+        async with slots.slot("a"):
+            await release.wait()
+
+    holder = asyncio.create_task(call())
+    await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(call())  # a client whose deadline passes while it waits
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.in_flight("a") == 1
+    release.set()
+    await holder
+    assert slots.in_flight("a") == 0
+    async with slots.slot("a"):  # the slot came back
+        pass
+
+
+def test_a_concurrency_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        TenantConcurrency(0)
 
 
 def test_routes_know_access_and_backend() -> None:
