@@ -7,13 +7,18 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
 
 def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A naive value is taken as UTC. Built from the offset to the epoch: Timestamp.FromDatetime
+    costs three times as much, and list pages convert a few per row."""
     if value is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value.astimezone(dt.UTC))
-    return stamp
+    delta = (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def from_timestamp(stamp: timestamp_pb2.Timestamp) -> dt.datetime:

@@ -13,7 +13,13 @@ from services.custom_object.service_layer.common import to_definition
 from services.custom_object.service_layer.definitions import DefinitionUseCases, FieldView
 from services.custom_object.service_layer.records import RecordUseCases, RecordView
 from shared import protoconv
-from shared.fieldtypes import from_field_value, to_field_value, values_from_proto, values_to_proto
+from shared.fieldtypes import (
+    FieldDefinition,
+    from_field_value,
+    to_field_value,
+    values_from_proto,
+    values_to_proto,
+)
 
 _RULE_KEYS = (
     "min_length", "max_length", "pattern", "min_value", "max_value", "min_date", "max_date", "max_selections",
@@ -177,9 +183,11 @@ def relationship_message(row: Mapping[str, Any]) -> pb.CustomRelationship:
     )
 
 
-def record_message(view: RecordView) -> pb.Record:
+def record_message(view: RecordView, definitions: list[FieldDefinition] | None = None) -> pb.Record:
+    """`definitions`, the view's fields as definitions, once for a whole page of records."""
     row = view.row
-    definitions = [to_definition(f.row, f.options) for f in view.fields]
+    if definitions is None:
+        definitions = [to_definition(f.row, f.options) for f in view.fields]
     name_field = view.custom_object.get("record_name_field")
     display = row["record_data"].get(name_field) if name_field else None
     return pb.Record(
@@ -348,8 +356,10 @@ class CustomObjectServicer(custom_object_pb2_grpc.CustomObjectServiceServicer):
         views, token, total = await self._records.list_records(
             request.object_type, request.filter, request.order_by, request.page_size, request.page_token
         )
+        # A page's records share one object and its fields.
+        definitions = [to_definition(f.row, f.options) for f in views[0].fields] if views else []
         return pb.ListRecordsResponse(
-            records=[record_message(v) for v in views], next_page_token=token, total_size=total
+            records=[record_message(v, definitions) for v in views], next_page_token=token, total_size=total
         )
 
     async def UpdateRecord(
