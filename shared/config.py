@@ -131,8 +131,9 @@ class GatewaySettings(CommonSettings):
     #: Per-plan rate limits as JSON {"basic": [calls_per_second, burst], ...}; unset plans keep
     #: the defaults (basic 50/100, professional 200/400, enterprise 1000/2000).
     rate_limits: str = ""
-    #: Calls of one tenant the backends work on at once; more wait in the gateway, so a tenant
-    #: flooding within its rate cannot fill the queues its neighbours' calls pass through.
+    #: Calls of one tenant the backends work on at once while other tenants call too; more wait
+    #: in the gateway, so a tenant flooding within its rate cannot fill the queues its
+    #: neighbours' calls pass through.
     tenant_concurrency: int = Field(default=4, ge=1)
     #: Deadline applied when the client sets none, in seconds.
     default_deadline_seconds: float = 30.0

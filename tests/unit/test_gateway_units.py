@@ -32,8 +32,17 @@ def test_unknown_plans_get_the_basic_limit_and_settings_override() -> None:
     assert limiter.try_acquire("t", "enterprise") > 0
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_a_tenant_over_its_concurrency_waits_in_order_while_others_pass() -> None:
-    slots = TenantConcurrency(2)
+    clock = Clock()
+    slots = TenantConcurrency(2, alone_limit=3, clock=clock)
     release = asyncio.Event()
     entered: list[str] = []
 
@@ -42,6 +51,8 @@ async def test_a_tenant_over_its_concurrency_waits_in_order_while_others_pass() 
             entered.append(name)
             await release.wait()
 
+    async with slots.slot("b"):  # the neighbour called a moment ago: the backends are shared
+        pass
     flood = [asyncio.create_task(call("a", f"a{i}")) for i in range(5)]
     await asyncio.sleep(0.01)
     assert entered == ["a0", "a1"]
@@ -55,8 +66,20 @@ async def test_a_tenant_over_its_concurrency_waits_in_order_while_others_pass() 
     assert slots.in_flight("a") == slots.in_flight("b") == 0
 
 
+async def test_a_tenant_alone_gets_the_larger_limit_until_a_neighbour_calls() -> None:
+    clock = Clock()
+    slots = TenantConcurrency(2, alone_limit=4, window=1.0, clock=clock)
+    assert slots.limit_for("a") == 4
+    async with slots.slot("b"):
+        assert slots.limit_for("a") == 2  # b is in the backends
+    assert slots.limit_for("a") == 2  # and called within the window
+    assert slots.limit_for("b") == 4  # b alone, as far as b is concerned
+    clock.now += 1.5
+    assert slots.limit_for("a") == 4  # b has gone quiet
+
+
 async def test_a_cancelled_wait_gives_up_its_place_and_leaves_nothing_behind() -> None:
-    slots = TenantConcurrency(1)
+    slots = TenantConcurrency(1, alone_limit=1)
     release = asyncio.Event()
 
     async def call() -> None:
@@ -76,6 +99,29 @@ async def test_a_cancelled_wait_gives_up_its_place_and_leaves_nothing_behind() -
     assert slots.in_flight("a") == 0
     async with slots.slot("a"):  # the slot came back
         pass
+
+
+async def test_a_slot_handed_over_as_the_wait_is_cancelled_passes_to_the_next() -> None:
+    slots = TenantConcurrency(1, alone_limit=1)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def call(name: str) -> None:
+        async with slots.slot("a"):
+            await release.wait()
+            finished.append(name)
+
+    holder = asyncio.create_task(call("holder"))
+    await asyncio.sleep(0.01)
+    unlucky = asyncio.create_task(call("unlucky"))
+    patient = asyncio.create_task(call("patient"))
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.sleep(0)  # the holder releases and hands its slot to the first waiter...
+    unlucky.cancel()  # ...whose client gives up before it runs
+    await asyncio.gather(holder, unlucky, patient, return_exceptions=True)
+    assert finished == ["holder", "patient"]
+    assert slots.in_flight("a") == 0
 
 
 def test_a_concurrency_below_one_is_refused() -> None:
