@@ -5,6 +5,8 @@ CONCURRENTLY), the use cases and the servicers."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -20,15 +22,19 @@ from services.core_entity.entrypoints.imports import ImportServicer
 from services.core_entity.service_layer.custom_fields import CustomFields, DefinitionSource, NoDefinitions
 from services.core_entity.service_layer.data_admin import DataAdmin
 from services.core_entity.service_layer.entities import CoreEntities
+from services.core_entity.service_layer.imports import prune_import_rows
 from services.core_entity.settings import CoreEntitySettings
 from shared.config import ShardServiceSettings
 from shared.data_admin import DataAdminServicer
 from shared.events import control_subject
 from shared.grpc_server import ServiceApp
+from shared.logging import get_logger
 from shared.runtime import DatabaseRuntime
 from shared.shard_guard import MembershipGuard
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+FIRST_PRUNE_SECONDS = 300.0
+log = get_logger(__name__)
 SERVICE_NAMES = [
     core_entity_pb2.DESCRIPTOR.services_by_name[name].full_name
     for name in (
@@ -109,7 +115,20 @@ def build_app(settings: ShardServiceSettings, definitions: DefinitionSource | No
             DataAdminServicer(DataAdmin(entities)), server
         )
 
+    async def import_rows_schedule() -> None:
+        # First run a few minutes after start: a service restarted more often than the interval
+        # would otherwise never prune. A failed run ends the task, which the app restarts.
+        await asyncio.sleep(min(own.import_prune_interval_seconds, FIRST_PRUNE_SECONDS))
+        while True:
+            pruned = await prune_import_rows(
+                runtime.session_maker(), dt.timedelta(days=own.import_retry_days)
+            )
+            log.info("forgot rows of older imports", rows=pruned)
+            await asyncio.sleep(own.import_prune_interval_seconds)
+
     app.startup.append(subscribe_to_definition_changes)
+    if own.import_prune_interval_seconds > 0:
+        app.background.append(import_rows_schedule)
     app.registrars.append(register)
     app.shutdown.insert(0, close_source)
     # Before the runtime's own shutdown; a build cut short is redone by a later process.

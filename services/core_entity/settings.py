@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from shared.config import ShardServiceSettings
 
 
@@ -20,6 +22,10 @@ class CoreEntitySettings(ShardServiceSettings):
     custom_field_indexes: bool = True
     #: Statement timeout of one index build, in seconds (a build reads the whole table).
     custom_field_index_timeout_seconds: float = 1800.0
+    #: Days an import id is remembered: a retry within them creates nothing twice.
+    import_retry_days: float = Field(default=7.0, gt=0)
+    #: Seconds between runs that forget older imports' rows (`core.import_rows`); 0 disables.
+    import_prune_interval_seconds: float = 24 * 3600.0
 
     @classmethod
     def from_shard(cls, settings: ShardServiceSettings) -> CoreEntitySettings:

@@ -6,6 +6,7 @@ rows back in the same shape."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from crm.v1 import core_entity_pb2 as pb
 from services.core_entity.entrypoints.imports import BATCH_ROWS
 from services.core_entity.service_layer import imports
 from shared import events
-from shared.db import asyncpg_dsn
+from shared.db import asyncpg_dsn, create_engine, session_factory
 from shared.fieldtypes import FieldDefinition
 from tests.backends import Backends
 from tests.integration.test_core_support import (  # noqa: F401
@@ -219,7 +220,9 @@ async def change_events(nats_url: str, tenant: Tenant, wait: float = 3.0) -> lis
 
 
 async def stored(core_service: CoreService, tenant: Tenant, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(asyncpg_dsn(core_service.owner_dsn))
+    """What the tenant's rows hold, read as the app role under the tenant policy (the owner may
+    read `core.import_rows` across tenants, for pruning)."""
+    conn = await asyncpg.connect(asyncpg_dsn(core_service.app_dsn))
     try:
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", tenant.id)
@@ -336,3 +339,54 @@ async def test_a_batch_that_fails_after_writing_leaves_nothing(
         == []
     )
     assert await change_events(backends.nats_url, tenant, wait=1.5) == []
+
+
+async def test_imports_older_than_the_retry_window_are_forgotten_tenant_by_tenant(
+    core_service: CoreService, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    def rows(label: str) -> list[list[dict[str, str]]]:
+        return [[{"name": f"{label} {i}"} for i in range(3)]]
+
+    old, other_old, recent = (str(uuid.uuid4()) for _ in range(3))
+    first_old = await run_import(tenant, old, pb.ENTITY_TYPE_ACCOUNT, rows("old"))
+    await run_import(other_tenant, other_old, pb.ENTITY_TYPE_ACCOUNT, rows("theirs"))
+    first_recent = await run_import(tenant, recent, pb.ENTITY_TYPE_ACCOUNT, rows("recent"))
+    owner = await asyncpg.connect(asyncpg_dsn(core_service.owner_dsn))
+    try:
+
+        async def landed(tenant_id: str, import_id: str) -> int:
+            async with owner.transaction():
+                await owner.execute("SELECT set_config('app.current_tenant_id', $1, true)", tenant_id)
+                return int(
+                    await owner.fetchval(
+                        "SELECT count(*) FROM core.import_rows WHERE import_id = $1", uuid.UUID(import_id)
+                    )
+                )
+
+        for tenant_id, import_id in ((tenant.id, old), (other_tenant.id, other_old)):
+            async with owner.transaction():
+                await owner.execute("SELECT set_config('app.current_tenant_id', $1, true)", tenant_id)
+                await owner.execute(
+                    "UPDATE core.import_rows SET created_at = now() - interval '8 days' WHERE import_id = $1",
+                    uuid.UUID(import_id),
+                )
+        engine = create_engine(core_service.app_dsn, pool_size=2)
+        try:
+            # As the app role, which sees one tenant at a time: both tenants' old rows go.
+            forgotten = await imports.prune_import_rows(session_factory(engine), dt.timedelta(days=7))
+        finally:
+            await engine.dispose()
+        assert forgotten >= 6
+        assert await landed(tenant.id, old) == 0
+        assert await landed(other_tenant.id, other_old) == 0
+        assert await landed(tenant.id, recent) == 3
+    finally:
+        await owner.close()
+    # A retry of the recent import still creates nothing twice; the forgotten one imports again.
+    again = await run_import(tenant, recent, pb.ENTITY_TYPE_ACCOUNT, rows("recent"))
+    assert dict(again.record_ids) == dict(first_recent.record_ids)
+    redone = await run_import(tenant, old, pb.ENTITY_TYPE_ACCOUNT, rows("old"))
+    assert len(redone.record_ids) == 3
+    assert not set(redone.record_ids.values()) & set(first_old.record_ids.values())
+    listed = await tenant.call(tenant.accounts, "ListAccounts", pb.ListAccountsRequest())
+    assert listed.total_size == 9

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from crm.v1 import events_pb2
 from services.core_entity import SCHEMA, SERVICE
@@ -38,6 +39,7 @@ from services.core_entity.domain.model import EntitySpec, FieldSpec, Kind
 from services.core_entity.entrypoints.codec import ADDRESS_PARTS
 from services.core_entity.service_layer.entities import CoreEntities, validate
 from shared.context import current_call
+from shared.db import UnitOfWork
 from shared.errors import CrmError, FieldViolation, InvalidArgument
 from shared.events import SECRET_COLUMNS, _json_default, build_change_event, change_subject
 from shared.observability import inject_headers
@@ -445,6 +447,27 @@ def call_actor() -> uuid.UUID:
         return uuid.UUID(user_id) if user_id else repo.SYSTEM_ACTOR
     except ValueError:
         return repo.SYSTEM_ACTOR
+
+
+TENANTS_WITH_OLD_IMPORTS = f"SELECT * FROM {SCHEMA}.tenants_with_imports_before($1)"
+PRUNE_IMPORT_ROWS = f"DELETE FROM {SCHEMA}.import_rows WHERE tenant_id = $1::uuid AND created_at < $2"
+
+
+async def prune_import_rows(sessions: async_sessionmaker[AsyncSession], kept_for: dt.timedelta) -> int:
+    """Forgets which rows of imports older than `kept_for` landed (a retry of such an import
+    would create its rows again): without this `core.import_rows` keeps a row for every row
+    ever imported. The tenants with old rows come from the owner's function (migration 0005);
+    each tenant's rows are deleted in its own transaction, under the tenant policy."""
+    before = dt.datetime.now(dt.UTC) - kept_for
+    async with UnitOfWork(sessions, tenant_id=None) as uow:
+        tenants = [str(row[0]) for row in await uow.conn.fetch(TENANTS_WITH_OLD_IMPORTS, before)]
+    deleted = 0
+    for tenant in tenants:
+        async with UnitOfWork(sessions, tenant_id=tenant) as uow:
+            status = await uow.conn.execute(PRUNE_IMPORT_ROWS, tenant, before)
+            await uow.commit()
+        deleted += int(status.split()[-1])
+    return deleted
 
 
 class Importer:
