@@ -357,10 +357,16 @@ class Proxy(grpc.GenericRpcHandler):
             call.code, call.error = exc.code, exc.message
             await abort_with(context, exc.to_status())
         if isinstance(exc, grpc.aio.AioRpcError):
-            call.code, call.error = exc.code(), exc.details() or ""
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.CANCELLED:
+                # The client's own cancellation never gets here (it cancels this handler): this
+                # is a backend stopping with calls in flight. To the client that backend went
+                # away, which is retryable; CANCELLED would say the client gave up.
+                code, details = grpc.StatusCode.UNAVAILABLE, f"the backend ended the call: {details}"
+            call.code, call.error = code, details
             # Trailing metadata must be passed on as a tuple, or abort raises TypeError; passed
             # whole, the backend's google.rpc.Status details (field violations) arrive intact.
-            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+            await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
         call.code, call.error = grpc.StatusCode.INTERNAL, "gateway error"

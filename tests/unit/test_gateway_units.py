@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import grpc
 import pytest
 
 from crm.v1 import events_pb2
 from gateway.api_audit import ApiAuditPublisher
 from gateway.fairness import TenantConcurrency
+from gateway.proxy import Proxy, _Call
 from gateway.ratelimit import RateLimiter
 from gateway.routing import Access, Backend, build_routes
 
@@ -122,6 +125,40 @@ async def test_a_slot_handed_over_as_the_wait_is_cancelled_passes_to_the_next() 
     await asyncio.gather(holder, unlucky, patient, return_exceptions=True)
     assert finished == ["holder", "patient"]
     assert slots.in_flight("a") == 0
+
+
+class AbortingContext:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+@pytest.mark.parametrize(
+    ("backend_code", "client_code"),
+    [
+        # A backend stopping with calls in flight cancels them: retryable for the client.
+        (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_backend_answers_reach_the_client_and_a_backend_cancel_is_retryable(
+    backend_code: grpc.StatusCode, client_code: grpc.StatusCode
+) -> None:
+    proxy = object.__new__(Proxy)  # _fail needs none of the proxy's parts
+    call = _Call(build_routes()["/crm.v1.AuditService/ListAuditLogs"])
+    context = AbortingContext()
+    error = grpc.aio.AioRpcError(
+        backend_code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="from the backend"
+    )
+    with pytest.raises(grpc.aio.AbortError):
+        await proxy._fail(call, context, error)  # type: ignore[arg-type]
+    assert context.aborted is not None and context.aborted[0] == client_code
+    assert "from the backend" in context.aborted[1]
+    assert call.code == client_code
 
 
 def test_a_concurrency_below_one_is_refused() -> None:
