@@ -271,18 +271,7 @@ class Writer:
                 ),
                 {"id": account_id, "tenant": self.tenant_id, "name": name, "user": self.user_id},
             )
-            await record_change(
-                uow.session,
-                schema="core",
-                service="core_entity",
-                table="accounts",
-                tenant_id=self.tenant_id,
-                record_id=account_id,
-                operation="INSERT",
-                old=None,
-                new={"id": account_id, "name": name},
-                version=1,
-            )
+            await self._event(uow.session, account_id, "INSERT", None, {"id": account_id, "name": name}, 1)
             renamed: tuple[str, str] | None = None
             if self.acked:
                 earlier = secrets.choice(sorted(self.acked))
@@ -292,17 +281,8 @@ class Writer:
                     {"name": new_name, "id": earlier},
                 )
                 assert result.rowcount == 1, "an acknowledged account is missing"  # type: ignore[attr-defined]
-                await record_change(
-                    uow.session,
-                    schema="core",
-                    service="core_entity",
-                    table="accounts",
-                    tenant_id=self.tenant_id,
-                    record_id=earlier,
-                    operation="UPDATE",
-                    old={"name": self.acked[earlier]},
-                    new={"name": new_name},
-                    version=2,
+                await self._event(
+                    uow.session, earlier, "UPDATE", {"name": self.acked[earlier]}, {"name": new_name}, 2
                 )
                 renamed = (earlier, new_name)
             deleted: str | None = None
@@ -313,18 +293,7 @@ class Writer:
                     text("DELETE FROM core.accounts WHERE id = :id"), {"id": deleted}
                 )
                 assert result.rowcount == 1, "an acknowledged account is missing"  # type: ignore[attr-defined]
-                await record_change(
-                    uow.session,
-                    schema="core",
-                    service="core_entity",
-                    table="accounts",
-                    tenant_id=self.tenant_id,
-                    record_id=deleted,
-                    operation="DELETE",
-                    old={"name": self.acked[deleted]},
-                    new=None,
-                    version=3,
-                )
+                await self._event(uow.session, deleted, "DELETE", {"name": self.acked[deleted]}, None, 3)
             await uow.commit()
         # Acknowledged only once committed.
         self.acked[account_id] = name
@@ -336,6 +305,29 @@ class Writer:
             del self.acked[deleted]
             self.deleted.add(deleted)
             self.events += 1
+
+    async def _event(
+        self,
+        session: AsyncSession,
+        account_id: str,
+        operation: str,
+        old: dict[str, str] | None,
+        new: dict[str, str] | None,
+        version: int,
+    ) -> None:
+        """The change event of one account write, in the write's transaction, as a backend adds it."""
+        await record_change(
+            session,
+            schema="core",
+            service="core_entity",
+            table="accounts",
+            tenant_id=self.tenant_id,
+            record_id=account_id,
+            operation=operation,
+            old=old,
+            new=new,
+            version=version,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         step = 0
