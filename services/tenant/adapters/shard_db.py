@@ -29,7 +29,7 @@ DATA_SCHEMAS = ("core", "custom")
 # COPY hands rows over in pieces as they arrive; a few buffered between the shards keep both
 # busy without holding the table in memory.
 _CHUNKS_IN_FLIGHT = 8
-# Row digests and versions are read through a cursor, so a large tenant's rows are never all
+# Row digests and keys are read through a cursor, so a large tenant's rows are never all
 # held as records at once on top of the map built from them.
 _CURSOR_PREFETCH = 5_000
 
