@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures are imported from test_audit_support, then used as arguments)
 """Batched audit ingest on a real database: one batch holds many events of several tenants and
 records, is written with a handful of set-based statements, and keeps every guarantee of the
 one-by-one log: each event stored once however often it is delivered, a dense verifiable chain
@@ -15,24 +16,18 @@ from typing import Any
 import asyncpg
 import pytest
 
-from crm.v1 import audit_pb2, common_pb2, events_pb2
+from crm.v1 import audit_pb2
 from services.audit.adapters.store import ChangeRow, decode_change, write_changes
 from shared.db import asyncpg_dsn
-from shared.events import OPERATIONS
-from tests.backends import Backends
-from tests.integration.test_audit_support import AuditHarness, start_harness
+from tests.integration.test_audit_support import (  # noqa: F401  (the fixture is used as an argument)
+    AuditHarness,
+    audit,
+    contact_change_event,
+)
 
 pytestmark = pytest.mark.integration
 
 START = dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-@pytest.fixture(scope="module")
-async def audit(backends: Backends) -> AsyncIterator[AuditHarness]:
-    harness = await start_harness(backends.database_url, backends.nats_url)
-    yield harness
-    for cleanup in harness.cleanups:
-        await cleanup()
 
 
 @pytest.fixture
@@ -53,18 +48,15 @@ def change(
     at: int = 0,
 ) -> ChangeRow:
     """One change event as the consumer decodes it off the stream."""
-    event = events_pb2.ChangeEvent(
-        event_id=str(uuid.uuid4()),
-        tenant_id=tenant,
-        service="core_entity",
-        table_name="contacts",
-        record_id=record,
-        operation=OPERATIONS[operation],
-        old_values_json=json.dumps(old) if old is not None else "",
-        new_values_json=json.dumps(new) if new is not None else "",
-        record_version=version,
-        actor=common_pb2.Actor(user_id=str(uuid.UUID(int=7)), email="writer@example.com"),
-        api_endpoint="/crm.v1.ImportService/ImportRecords",
+    event = contact_change_event(
+        tenant,
+        record,
+        operation,
+        version,
+        old=old,
+        new=new,
+        email="writer@example.com",
+        endpoint="/crm.v1.ImportService/ImportRecords",
     )
     event.occur_time.FromDatetime(START + dt.timedelta(microseconds=at))
     return decode_change(event.SerializeToString())

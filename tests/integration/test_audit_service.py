@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (fixtures are imported from test_audit_support, then used as arguments)
 """The audit service in-process on a real database and NATS, with a stand-in owner serving
 DataAdminService on a real table: ingest (chained, masked, versioned, idempotent, poison
 dead-lettered), queries and their bad cases, tampering, restore, retention, erasure, the GDPR
@@ -10,7 +11,6 @@ import datetime as dt
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -23,18 +23,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from crm.v1 import audit_pb2, common_pb2, events_pb2
 from shared.db import rls_statements
 from shared.events import STREAM_NAME, timestamp_now
-from tests.backends import Backends
-from tests.integration.test_audit_support import AuditHarness, start_harness
+from tests.integration.test_audit_support import (  # noqa: F401  (the fixture is used as an argument)
+    AuditHarness,
+    audit,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-async def audit(backends: Backends) -> AsyncIterator[AuditHarness]:
-    harness = await start_harness(backends.database_url, backends.nats_url)
-    yield harness
-    for cleanup in harness.cleanups:
-        await cleanup()
 
 
 def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:

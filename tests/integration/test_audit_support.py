@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import nats
+import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -40,6 +41,7 @@ from shared.db import asyncpg_dsn
 from shared.events import OPERATIONS, STREAM_NAME, change_subject, ensure_stream, timestamp_now
 from shared.grpc_server import ServiceApp
 from shared.provisioning import Roles, drop_database, dsn_for, ensure_database, ensure_roles
+from tests.backends import Backends
 
 T = TypeVar("T")
 TOKEN = "it-internal-" + secrets.token_hex(4)
@@ -101,21 +103,17 @@ class FakeOwner(directory_pb2_grpc.DirectoryServiceServicer, data_admin_pb2_grpc
     async def publish(
         self, tenant_id: str, record_id: str, operation: str, old: Any, new: Any, version: int
     ) -> str:
-        event = events_pb2.ChangeEvent(
-            event_id=str(uuid.uuid4()),
-            tenant_id=tenant_id,
-            service="core_entity",
-            table_name="contacts",
-            record_id=record_id,
-            operation=OPERATIONS[operation],
-            old_values_json=json.dumps(old) if old is not None else "",
-            new_values_json=json.dumps(new) if new is not None else "",
-            record_version=version,
-            actor=common_pb2.Actor(user_id=str(uuid.UUID(int=7)), email="owner@example.com"),
-            request_id=str(uuid.uuid4()),
-            api_endpoint="/crm.v1.ContactService/UpdateContact",
-            occur_time=timestamp_now(),
+        event = contact_change_event(
+            tenant_id,
+            record_id,
+            operation,
+            version,
+            old=old,
+            new=new,
+            email="owner@example.com",
+            endpoint="/crm.v1.ContactService/UpdateContact",
         )
+        event.occur_time.CopyFrom(timestamp_now())
         await self._js().publish(
             change_subject(tenant_id, "core_entity", "contacts", operation),
             event.SerializeToString(),
@@ -441,3 +439,40 @@ async def start_harness(database_url: str, nats_url: str) -> AuditHarness:
 
     harness.cleanups.append(stop)
     return harness
+
+
+def contact_change_event(
+    tenant_id: str,
+    record_id: str,
+    operation: str,
+    version: int,
+    *,
+    old: Any,
+    new: Any,
+    email: str,
+    endpoint: str,
+) -> events_pb2.ChangeEvent:
+    """A contact's change event as core-entity publishes it (occur_time left to the caller)."""
+    return events_pb2.ChangeEvent(
+        event_id=str(uuid.uuid4()),
+        tenant_id=tenant_id,
+        service="core_entity",
+        table_name="contacts",
+        record_id=record_id,
+        operation=OPERATIONS[operation],
+        old_values_json=json.dumps(old) if old is not None else "",
+        new_values_json=json.dumps(new) if new is not None else "",
+        record_version=version,
+        actor=common_pb2.Actor(user_id=str(uuid.UUID(int=7)), email=email),
+        request_id=str(uuid.uuid4()),
+        api_endpoint=endpoint,
+    )
+
+
+@pytest.fixture(scope="module")
+async def audit(backends: Backends) -> AsyncIterator[AuditHarness]:
+    """The audit service on its own database, once per test module."""
+    harness = await start_harness(backends.database_url, backends.nats_url)
+    yield harness
+    for cleanup in harness.cleanups:
+        await cleanup()
